@@ -1,0 +1,29 @@
+"""devicediff: does the hardware or software configuration change what my network learns?
+
+Library use::
+
+    from devicediff import load_study, open_store, run_study
+    study = load_study("quick")
+    with open_store("devicediff.db") as store:
+        run_study(study, store)
+"""
+
+__version__ = "0.1.0"
+
+from devicediff.spec import Batch, Workload  # noqa: E402
+from devicediff.study import ExecConfig, Study, StudyError, load_study, parse_study  # noqa: E402
+
+
+def __getattr__(name):  # lazy: keep `import devicediff` light (no pandas/torch)
+    if name == "run_study":
+        from devicediff.runner import run_study
+
+        return run_study
+    if name == "open_store":
+        from devicediff.store import open_store
+
+        return open_store
+    raise AttributeError(name)
+
+
+__all__ = ["Batch", "Workload", "ExecConfig", "Study", "StudyError", "load_study", "parse_study", "run_study", "open_store"]

@@ -1,0 +1,5 @@
+import sys
+
+from devicediff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""Pure functions from stored records to DataFrames.
+
+``per_run`` is the table every statistic starts from: one row per run with its
+config, seed, repeat, state and per-run metrics:
+
+- ``final_<name>``: the value of each metric at the run's last step;
+- ``auc_train_loss``: the mean of the recorded training loss over the whole
+  run (area under the loss curve per step);
+- ``tail_train_loss``: the mean over the last 10% of recorded steps (less
+  noisy than one mini-batch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+RUN_KEYS = ["run_id", "config", "seed", "repeat", "state", "machine", "init_sha256", "final_sha256"]
+
+
+def per_run(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
+    base = runs[[c for c in RUN_KEYS if c in runs.columns]].copy()
+    if metrics.empty:
+        return base
+    m = metrics.sort_values(["run_id", "name", "step"])
+    last = m.groupby(["run_id", "name"]).tail(1).pivot(index="run_id", columns="name", values="value")
+    last.columns = [f"final_{c}" for c in last.columns]
+    out = base.merge(last, left_on="run_id", right_index=True, how="left")
+    tl = m[(m["name"] == "train_loss") & (m["step"] > 0)]
+    if len(tl):
+        auc = tl.groupby("run_id")["value"].mean().rename("auc_train_loss")
+
+        def tail(g: pd.DataFrame) -> float:
+            k = max(1, int(np.ceil(0.1 * len(g))))
+            return float(g["value"].iloc[-k:].mean())
+
+        tails = tl.groupby("run_id")[["value"]].apply(tail).rename("tail_train_loss")
+        out = out.merge(auc, left_on="run_id", right_index=True, how="left")
+        out = out.merge(tails, left_on="run_id", right_index=True, how="left")
+    return out
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Per-run metric columns, headline first."""
+    cols = [c for c in df.columns
+            if c.startswith(("final_", "auc_", "tail_")) and c not in RUN_KEYS and pd.api.types.is_numeric_dtype(df[c])]
+    order = ["final_eval_loss", "final_eval_mse", "final_eval_ssim", "tail_train_loss", "auc_train_loss", "final_train_loss"]
+    return sorted(cols, key=lambda c: (order.index(c) if c in order else len(order), c))
+
+
+def bitwise_table(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Per config: were runs repeatable (same config+seed → same final bits), and
+    did they match the reference's final bits for the same seed?"""
+    fin = runs[runs["state"] == "finished"]
+    ref = fin[(fin["config"] == reference) & (fin["repeat"] == 0)].set_index("seed")["final_sha256"]
+    rows = []
+    for cfg, g in fin.groupby("config", sort=False):
+        first = g[g["repeat"] == 0]
+        same_init = first["init_sha256"].nunique() if "init_sha256" in first else 0
+        match = [ref.get(s) == h for s, h in zip(first["seed"], first["final_sha256"]) if s in ref.index]
+        reps = g.groupby("seed")["final_sha256"].nunique()
+        has_rep = g.groupby("seed")["repeat"].nunique() > 1
+        rows.append({
+            "config": cfg,
+            "runs": len(g),
+            "matches_reference": f"{sum(match)}/{len(match)}" if match else "n/a",
+            "bitwise_equal_to_reference": bool(match) and all(match),
+            "repeatable": (bool((reps[has_rep] == 1).all()) if has_rep.any() else None),
+            "init_hashes_per_seed_shared": same_init == first["seed"].nunique(),
+        })
+    return pd.DataFrame(rows)
+
+
+def init_hash_check(runs: pd.DataFrame) -> pd.DataFrame:
+    """Seeds whose runs do not share one initial-weights hash (should be empty
+    when the init seed is held equal across configs and frameworks)."""
+    fin = runs[runs["init_sha256"].notna()]
+    n = fin.groupby("seed")["init_sha256"].nunique()
+    return n[n > 1].rename("distinct_init_hashes").reset_index()
+
+
+def curves(runs: pd.DataFrame, metrics: pd.DataFrame, name: str = "train_loss") -> pd.DataFrame:
+    """Long table ``config, seed, repeat, step, value`` for one metric."""
+    m = metrics[metrics["name"] == name].merge(runs[["run_id", "config", "seed", "repeat"]], on="run_id")
+    return m[["config", "seed", "repeat", "run_id", "step", "value"]].sort_values(["config", "seed", "step"])

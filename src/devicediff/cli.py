@@ -1,0 +1,248 @@
+"""``devicediff``: command-line interface.
+
+Every user error (bad study, bad store, bad data) ends with one line on stderr
+naming what is wrong and how to fix it, exit code 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from devicediff.study import StudyError, load_study, preset_names, preset_text
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A one-line user error raised by a subcommand."""
+
+
+def _store(args, *, create: bool = True):
+    from devicediff.store import open_store
+
+    return open_store(args.store, create=create)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from devicediff.executors import make_executor
+    from devicediff.progress import Progress
+    from devicediff.runner import run_study
+    from devicediff.summary import print_study
+
+    overrides = dict(kv.split("=", 1) for kv in args.set or [])
+    if args.data:
+        overrides["data"] = args.data
+    study = load_study(args.study, overrides={k: _parse_value(v) for k, v in overrides.items()} or None)
+    executor = make_executor(args.executor, jobs=args.jobs, slots_per_gpu=args.gpu_slots, address=args.address)
+    store = _store(args)
+    console = Console()
+    progress = Progress(enabled=not args.quiet, jobs=args.jobs)
+    try:
+        run_study(study, store, store_path=args.store, executor=executor, retry_failed=args.retry_failed,
+                  progress=progress, only_configs=args.only)
+        print_study(console, study, store)
+    finally:
+        executor.close()
+        store.close()
+    return 0
+
+
+def _parse_value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def cmd_status(args) -> int:
+    from devicediff.summary import print_study
+    from devicediff.study import parse_study
+
+    store = _store(args, create=False)
+    console = Console()
+    studies = store.studies()
+    if studies.empty:
+        console.print("the store holds no studies yet")
+    for _, s in studies.iterrows():
+        d = s["definition"]
+        try:
+            study = parse_study(_definition_to_doc(s["name"], d), source="store")
+        except StudyError as e:
+            console.print(f"{s['name']}: cannot re-read definition ({e})")
+            continue
+        print_study(console, study, store, verdicts=False)
+    store.close()
+    return 0
+
+
+def _definition_to_doc(name: str, d: dict) -> dict:
+    """Turn a stored study definition back into a study document."""
+    return {
+        "name": name,
+        "description": d.get("description", ""),
+        "workload": {"name": d["workload"], **d.get("workload_params", {})},
+        "configs": d["configs"],
+        "reference": d["reference"],
+        "seeds": {"list": d["seeds"], "vary": d["vary"], "repeats": d.get("repeats", 1), "base": d.get("base_seed", 0)},
+        "budget": {k: v for k, v in d["budget"].items() if v is not None},
+        "verdict": {k: v for k, v in (("margin", d.get("margin")), ("margin_fraction", d.get("margin_fraction"))) if v is not None},
+    }
+
+
+def cmd_env(args) -> int:
+    from devicediff.fingerprint import fingerprint, host_facts, machine_id
+
+    try:
+        import torch  # noqa: F401 - so the fingerprint includes torch, CUDA and cuDNN
+    except ImportError:
+        pass
+    fp = fingerprint()
+    fp["machine_id"] = machine_id(host_facts())
+    if args.json:
+        print(json.dumps(fp, indent=2, default=str))
+        return 0
+    console = Console()
+    for k, v in fp.items():
+        console.print(f"[bold]{k}[/bold]: {v}", highlight=False)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    console = Console()
+    if args.name:
+        if args.name not in preset_names():
+            raise StudyError(f"preset {args.name!r} unknown; choose one of {preset_names()}")
+        print(preset_text(args.name))
+        return 0
+    for name in preset_names():
+        study = load_study(name)
+        desc = study.description.strip().splitlines()[0] if study.description else ""
+        console.print(f"[bold]{name}[/bold]: {len(study.configs)} configs × {len(study.seeds)} seeds — {desc}", highlight=False)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from devicediff.export import export
+
+    store = _store(args, create=False)
+    try:
+        paths = export(store, Path(args.out), fmt=args.format)
+    finally:
+        store.close()
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from devicediff.report import write_report
+
+    store = _store(args, create=False)
+    try:
+        path = write_report(store, Path(args.out), study_name=args.study)
+    finally:
+        store.close()
+    print(path)
+    return 0
+
+
+def cmd_diverge(args) -> int:
+    from devicediff.diverge import diverge_cli
+
+    return diverge_cli(args)
+
+
+def cmd_merge(args) -> int:
+    from devicediff.merge import merge_stores
+
+    added = merge_stores([str(p) for p in args.stores], args.out)
+    print(f"merged into {args.out}: {added} new run(s)")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="devicediff", description=__doc__.splitlines()[0].strip("`: "))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_store(sp):
+        sp.add_argument("--store", default="devicediff.db", help="SQLite store file (default: devicediff.db)")
+        return sp
+
+    r = with_store(sub.add_parser("run", help="train every run of a study (resumes)"))
+    r.add_argument("study", nargs="?", default="quick", help="a .toml study file or a preset name (default: quick)")
+    r.add_argument("--jobs", "-j", type=int, default=1, help="runs at once (CPU runs get disjoint cores)")
+    r.add_argument("--gpu-slots", type=int, default=1, help="runs sharing one GPU")
+    r.add_argument("--executor", choices=["local", "ray"], default="local")
+    r.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
+    r.add_argument("--data", default=None, help="override the workload's data (e.g. a video file or folder)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a workload parameter")
+    r.add_argument("--only", action="append", metavar="CONFIG", help="run only these configs (repeatable)")
+    r.add_argument("--retry-failed", action="store_true", help="run failed and skipped runs again")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    r.set_defaults(func=cmd_run)
+
+    with_store(sub.add_parser("status", help="what the store holds")).set_defaults(func=cmd_status)
+
+    e = sub.add_parser("env", help="this machine's environment fingerprint")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_env)
+
+    pr = sub.add_parser("presets", help="list the built-in studies, or print one")
+    pr.add_argument("name", nargs="?")
+    pr.set_defaults(func=cmd_presets)
+
+    x = with_store(sub.add_parser("export", help="write runs and metrics as CSV or Parquet"))
+    x.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_export)
+
+    rep = with_store(sub.add_parser("report", help="write report.html and PNG plots"))
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--study", default=None, help="study name (default: every study in the store)")
+    rep.set_defaults(func=cmd_report)
+
+    d = with_store(sub.add_parser("diverge", help="step two configs in lockstep: where do they part ways?"))
+    d.add_argument("study")
+    d.add_argument("--a", required=True, help="config A (e.g. the reference)")
+    d.add_argument("--b", required=True, help="config B")
+    d.add_argument("--steps", type=int, default=5)
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--threshold", type=float, default=100.0, help="beyond-rounding factor (default 100)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a workload parameter")
+    d.set_defaults(func=cmd_diverge)
+
+    m = sub.add_parser("merge", help="merge stores from several machines")
+    m.add_argument("stores", nargs="+")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from devicediff.data.mnist import DataError
+    from devicediff.store import StoreError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (StudyError, StoreError, DataError, UsageError) as e:
+        print(f"devicediff: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("devicediff: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

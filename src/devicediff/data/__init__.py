@@ -1,0 +1,1 @@
+"""Datasets, all usable offline: real MNIST, Moving MNIST made from it, and video."""

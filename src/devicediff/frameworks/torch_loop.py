@@ -1,0 +1,286 @@
+"""The one PyTorch training loop, shared by every workload (runs in the worker).
+
+Order matters: the parent already set OMP/MKL thread counts and
+``CUBLAS_WORKSPACE_CONFIG`` in the environment before this process started;
+here we apply the config's framework flags, verify what took effect, build the
+model on CPU from the init seed, hash it, move it to the device, and train on
+batches drawn on CPU from the data seed. Clocks are read after device
+synchronisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from devicediff.fingerprint import blas_facts, fingerprint
+from devicediff.frameworks.threads import ThreadSampler
+from devicediff.protocol import FINISHED, RecordWriter, Skip
+from devicediff.spec import Batch, Workload, iter_batches, move_to
+
+
+def apply_settings(cfg: dict) -> dict:
+    """Apply a config's arithmetic settings to torch; return what took effect."""
+    device = cfg.get("device", "cpu")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise Skip(f"config asks for {device} but torch {torch.__version__} sees no CUDA GPU here")
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            raise Skip(f"config asks for {device} but only {torch.cuda.device_count()} GPU(s) are visible")
+    torch.backends.cudnn.enabled = bool(cfg.get("cudnn", True))
+    torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", False))
+    if cfg.get("tf32") is not None:
+        torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg["tf32"])
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg["matmul_precision"])
+    if cfg.get("deterministic"):
+        try:
+            torch.use_deterministic_algorithms(True)
+        except Exception as e:  # pragma: no cover - depends on the build
+            raise Skip(f"deterministic mode refused: {e}") from None
+    on_gpu = device.startswith("cuda")
+    return {
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+        "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "blas_pools": blas_facts(),
+        "cudnn_enabled": torch.backends.cudnn.enabled,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        # What convolutions and matmuls really used; PyTorch's own default is TF32 on for cuDNN conv.
+        "tf32_conv": bool(torch.backends.cudnn.allow_tf32) if on_gpu else False,
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32) if on_gpu else False,
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "compile": bool(cfg.get("compile")),
+        "channels_last": bool(cfg.get("channels_last")),
+    }
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes), on CPU."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def flat_weights(model: torch.nn.Module) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for _, p in sorted(model.named_parameters())]).numpy()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Ctx:
+    """Everything a loop (training or lockstep) needs, prepared once."""
+
+    job: dict
+    writer: RecordWriter
+    workload: Workload
+    model: torch.nn.Module  # the module whose state is hashed (not a compiled wrapper)
+    forward_model: Any  # what loss() is called with (compiled or not)
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    total_steps: int
+    steps_per_epoch: int
+    outdir: Path
+    extra: dict = field(default_factory=dict)
+
+
+def load_workload(job: dict) -> Workload:
+    from devicediff.workloads import make_workload
+
+    params = {**job.get("workload_params", {}), **job["config"].get("params", {})}
+    return make_workload(job["workload"], params)
+
+
+def prepare(job: dict, writer: RecordWriter) -> Ctx:
+    cfg = job["config"]
+    settings = apply_settings(cfg)
+    writer.emit("env", fingerprint=fingerprint())
+    writer.emit("effective", settings=settings)
+    workload = load_workload(job)
+    device = torch.device(cfg.get("device", "cpu"))
+
+    # Initial weights: built on CPU from the init seed alone, hashed, then moved.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(job["init_seed"]))
+        model = workload.build_model(int(job["init_seed"]))
+    writer.emit("init", sha256=state_sha256(model), n_params=sum(p.numel() for p in model.parameters()))
+    model = model.to(device)
+    if cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(int(job["init_seed"]))  # any in-training randomness: seeded, recorded in describe()
+    optimizer = workload.make_optimizer(model)
+    forward_model = torch.compile(model) if cfg.get("compile") else model
+
+    spe = workload.steps_per_epoch()
+    budget = job["budget"]
+    total = int(budget["steps"]) if budget.get("steps") else int(budget["epochs"]) * spe
+    outdir = Path(job.get("artifact_dir") or ".")
+    outdir.mkdir(parents=True, exist_ok=True)
+    return Ctx(job, writer, workload, model, forward_model, optimizer, device, total, spe, outdir)
+
+
+def _batches_from(ctx: Ctx, step: int):
+    """Yield (global_step, batch) from ``step`` on, across epochs, until the budget."""
+    epoch = step // ctx.steps_per_epoch
+    skip = step % ctx.steps_per_epoch
+    while step < ctx.total_steps:
+        for i, b in enumerate(iter_batches(ctx.workload.train_batches(int(ctx.job["data_seed"]), epoch))):
+            if i < skip:
+                continue
+            if step >= ctx.total_steps:
+                return
+            yield step, b
+            step += 1
+        epoch, skip = epoch + 1, 0
+
+
+def train_step(ctx: Ctx, batch: Batch, step: int, use_lr: bool) -> torch.Tensor:
+    if use_lr:
+        lr = ctx.workload.learning_rate(step, ctx.total_steps)
+        if lr is not None:
+            for g in ctx.optimizer.param_groups:
+                g["lr"] = lr
+    batch = Batch(move_to(batch.data, ctx.device), batch.new_sequence)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss = ctx.workload.loss(ctx.forward_model, batch)
+    loss.backward()
+    ctx.optimizer.step()
+    return loss
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def save_checkpoint(ctx: Ctx, step: int) -> None:
+    path = ctx.job.get("checkpoint_path")
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    torch.save(
+        {"step": step, "model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict()},
+        tmp,
+    )
+    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one
+
+
+def load_checkpoint(ctx: Ctx) -> int:
+    path = ctx.job.get("checkpoint_path")
+    if not path or not os.path.exists(path):
+        return 0
+    state = torch.load(path, map_location=ctx.device, weights_only=True)
+    ctx.model.load_state_dict(state["model"])
+    ctx.optimizer.load_state_dict(state["optimizer"])
+    ctx.workload.reset_state()
+    return int(state["step"])
+
+
+def _checkpoint_due(ctx: Ctx, step: int) -> bool:
+    every = ctx.job["budget"].get("checkpoint_every")
+    if every:
+        return step % every == 0
+    # Default: at epoch ends of multi-epoch runs, where no recurrent state is carried.
+    return ctx.total_steps > ctx.steps_per_epoch and step % ctx.steps_per_epoch == 0
+
+
+# -- evaluation ----------------------------------------------------------------------------
+
+
+def evaluate(ctx: Ctx, step: int) -> None:
+    ctx.model.eval()
+    with torch.no_grad():
+        metrics = ctx.workload.evaluate(ctx.model, ctx.device)
+    ctx.model.train()
+    for name, value in metrics.items():
+        ctx.writer.metric(step, name, float(value))
+    snap = None
+    if ctx.job.get("snapshots", True) and sum(p.numel() for p in ctx.model.parameters()) <= 5_000_000:
+        snap = ctx.outdir / f"weights_step{step:07d}.npy"
+        np.save(snap, flat_weights(ctx.model))
+    ctx.writer.emit("weights", step=step, sha256=state_sha256(ctx.model), path=str(snap) if snap else None)
+
+
+def _eval_due(ctx: Ctx, step: int) -> bool:
+    every = ctx.job["budget"].get("eval_every_steps")
+    if every:
+        return step % every == 0 or step == ctx.total_steps
+    return step % ctx.steps_per_epoch == 0 or step == ctx.total_steps
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def run(job: dict, writer: RecordWriter) -> None:
+    t_start = time.perf_counter()
+    ctx = prepare(job, writer)
+    if job.get("lockstep"):
+        from devicediff.diverge.probe import run_lockstep
+
+        run_lockstep(ctx)
+        return
+
+    every = max(1, int(job["budget"].get("metric_every", 10)))
+    use_lr = type(ctx.workload).learning_rate is not Workload.learning_rate
+    start = load_checkpoint(ctx)
+    if start == 0:
+        evaluate(ctx, 0)
+    writer.emit("progress", step=start, total=ctx.total_steps)
+
+    sampler = ThreadSampler()
+    sync(ctx.device)
+    t_train = time.perf_counter()
+    for step, batch in _batches_from(ctx, start):
+        loss = train_step(ctx, batch, step, use_lr)
+        done = step + 1
+        if done % every == 0 or done == ctx.total_steps:
+            value = loss.item()  # synchronises, only at the metric cadence
+            writer.metric(done, "train_loss", value)
+            writer.emit("progress", step=done, total=ctx.total_steps)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"diverged: train_loss is {value} at step {done}")
+        if _eval_due(ctx, done):
+            evaluate(ctx, done)
+        if _checkpoint_due(ctx, done) and done < ctx.total_steps:
+            save_checkpoint(ctx, done)
+    sync(ctx.device)
+    train_time = time.perf_counter() - t_train
+
+    arts = ctx.workload.artifacts(ctx.model, ctx.device, ctx.outdir)
+    for name, path in arts.items():
+        writer.emit("artifact", name=name, path=str(path))
+    if job.get("checkpoint_path") and os.path.exists(job["checkpoint_path"]):
+        os.remove(job["checkpoint_path"])
+    writer.emit(
+        "done",
+        state=FINISHED,
+        final_sha256=state_sha256(ctx.model),
+        wall_time=time.perf_counter() - t_start,
+        train_time=train_time,
+        steps_run=ctx.total_steps - start,
+        resumed_from=start,
+        threads_used=sampler.report(),
+    )

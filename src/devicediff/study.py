@@ -1,0 +1,385 @@
+"""Study files: what to train, under which execution configs, with which seeds.
+
+A study is a TOML file (or a built-in preset). Parsing is strict: an unknown
+key, a wrong type or an inconsistent matrix raises ``StudyError`` naming the
+field and the fix, before anything touches the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class StudyError(ValueError):
+    """A study file is malformed or inconsistent. The message is one line."""
+
+
+FRAMEWORKS = ("torch", "chainer")
+NOISE_SOURCES = ("init", "data")
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    """How the arithmetic is done. Never *what* is computed, except through
+    ``params`` (per-config workload overrides, e.g. a planted fault), which the
+    report always shows."""
+
+    name: str
+    framework: str = "torch"
+    device: str = "cpu"
+    threads: int | None = None
+    cudnn: bool = True
+    deterministic: bool = False
+    tf32: bool | None = None  # None: the framework's default (PyTorch: on for cuDNN conv)
+    cudnn_benchmark: bool = False
+    matmul_precision: str | None = None  # torch.set_float32_matmul_precision
+    compile: bool = False
+    channels_last: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    python: str | None = None  # interpreter for this config's worker (another venv)
+    params: dict[str, Any] = field(default_factory=dict)
+    ray_resources: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Budget:
+    epochs: int | None = None
+    steps: int | None = None
+    metric_every: int = 10
+    eval_every_steps: int | None = None  # default: once per epoch and at the end
+    checkpoint_every: int | None = None  # steps; None: every epoch for multi-epoch runs
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the matrix: config × seed × repeat."""
+
+    config: ExecConfig
+    seed: int
+    init_seed: int
+    data_seed: int
+    repeat: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.config.name}|seed={self.seed}|rep={self.repeat}"
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    workload: str
+    workload_params: dict[str, Any]
+    configs: tuple[ExecConfig, ...]
+    reference: str
+    seeds: tuple[int, ...]
+    vary: tuple[str, ...]
+    base_seed: int
+    repeats: int
+    budget: Budget
+    description: str = ""
+    margin: float | None = None  # equivalence margin (absolute) for verdicts
+    margin_fraction: float = 0.5  # default margin as a fraction of the seed-noise sd
+    source: str = ""  # file path or "preset:NAME"
+
+    # -- identity ----------------------------------------------------------------
+    def definition(self) -> dict[str, Any]:
+        """What makes two studies the same study (no source path, no notes)."""
+        return {
+            "workload": self.workload,
+            "workload_params": self.workload_params,
+            "configs": [
+                {k: v for k, v in c.to_dict().items() if k not in ("note", "ray_resources", "python")}
+                for c in self.configs
+            ],
+            "reference": self.reference,
+            "vary": list(self.vary),
+            "base_seed": self.base_seed,
+            "budget": asdict(self.budget),
+        }
+
+    @property
+    def study_id(self) -> str:
+        blob = json.dumps({"name": self.name, **self.definition()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def config(self, name: str) -> ExecConfig:
+        for c in self.configs:
+            if c.name == name:
+                return c
+        raise StudyError(f"configs: no config named {name!r}; choose one of {[c.name for c in self.configs]}")
+
+    def cells(self) -> list[Cell]:
+        """Seed-major order, so a partial study already has complete seed groups."""
+        out = []
+        for seed in self.seeds:
+            init_seed = seed if "init" in self.vary else self.base_seed
+            data_seed = seed if "data" in self.vary else self.base_seed
+            for rep in range(self.repeats):
+                for cfg in self.configs:
+                    out.append(Cell(cfg, seed, init_seed, data_seed, rep))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "seeds": list(self.seeds),
+            "repeats": self.repeats,
+            "margin": self.margin,
+            "margin_fraction": self.margin_fraction,
+            **self.definition(),
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------
+
+_TOP_KEYS = {"name", "description", "workload", "configs", "reference", "seeds", "budget", "verdict"}
+_WORKLOAD_KEYS = {"name"}  # plus arbitrary params
+_SEEDS_KEYS = {"count", "list", "vary", "base", "repeats"}
+_BUDGET_KEYS = {"epochs", "steps", "metric_every", "eval_every_steps", "checkpoint_every"}
+_VERDICT_KEYS = {"margin", "margin_fraction"}
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "framework": (str,),
+    "device": (str,),
+    "threads": (int,),
+    "cudnn": (bool,),
+    "deterministic": (bool,),
+    "tf32": (bool,),
+    "cudnn_benchmark": (bool,),
+    "matmul_precision": (str,),
+    "compile": (bool,),
+    "channels_last": (bool,),
+    "env": (dict,),
+    "python": (str,),
+    "params": (dict,),
+    "ray_resources": (dict,),
+    "note": (str,),
+    "reference": (bool,),
+}
+
+
+def _check_keys(where: str, table: dict, allowed: set[str]) -> None:
+    for k in table:
+        if k not in allowed:
+            raise StudyError(f"{where}: unknown key {k!r}; allowed keys are {sorted(allowed)}")
+
+
+def _want(where: str, value: Any, types: tuple[type, ...], hint: str = "") -> Any:
+    ok = isinstance(value, types) and not (bool not in types and isinstance(value, bool))
+    if not ok:
+        names = " or ".join(t.__name__ for t in types)
+        raise StudyError(f"{where}: expected {names}, got {type(value).__name__} {value!r}{hint}")
+    return value
+
+
+def _parse_config(i: int, raw: Any) -> tuple[ExecConfig, bool]:
+    where = f"configs[{i}]"
+    _want(where, raw, (dict,), "; write each config as a [[configs]] table")
+    _check_keys(where, raw, set(_CONFIG_TYPES))
+    for k, v in raw.items():
+        _want(f"{where}.{k}", v, _CONFIG_TYPES[k])
+    if "name" not in raw or not raw["name"].strip():
+        raise StudyError(f"{where}.name: missing; give every config a unique name, e.g. name = \"cpu-4t\"")
+    name = raw["name"]
+    where = f"configs[{name!r}]"
+    fw = raw.get("framework", "torch")
+    if fw not in FRAMEWORKS:
+        raise StudyError(f"{where}.framework: unknown framework {fw!r}; use one of {list(FRAMEWORKS)}")
+    dev = raw.get("device", "cpu")
+    if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise StudyError(f"{where}.device: {dev!r} is not a device; use \"cpu\", \"cuda\" or \"cuda:N\"")
+    threads = raw.get("threads")
+    if threads is not None and threads < 1:
+        raise StudyError(f"{where}.threads: must be >= 1, got {threads}")
+    if dev == "cpu":
+        for k in ("tf32", "cudnn_benchmark"):
+            if raw.get(k):
+                raise StudyError(f"{where}.{k}: only meaningful on a GPU; remove it or set device = \"cuda\"")
+    for k in ("env",):
+        for ek, ev in raw.get(k, {}).items():
+            _want(f"{where}.env.{ek}", ev, (str,), "; environment values are strings")
+    for rk, rv in raw.get("ray_resources", {}).items():
+        _want(f"{where}.ray_resources.{rk}", rv, (int, float))
+    mp = raw.get("matmul_precision")
+    if mp is not None and mp not in ("highest", "high", "medium"):
+        raise StudyError(f"{where}.matmul_precision: {mp!r}; use \"highest\", \"high\" or \"medium\"")
+    kwargs = {k: v for k, v in raw.items() if k != "reference"}
+    return ExecConfig(**kwargs), bool(raw.get("reference", False))
+
+
+def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
+    """Validate a parsed TOML document and return a ``Study``."""
+    _check_keys("study", doc, _TOP_KEYS)
+    name = _want("name", doc.get("name", Path(source).stem if source else "study"), (str,))
+
+    wl = doc.get("workload")
+    if wl is None:
+        raise StudyError("workload: missing; add a [workload] table with name = \"autoencoder\" (or module:function)")
+    if isinstance(wl, str):
+        wl = {"name": wl}
+    _want("workload", wl, (dict,))
+    if "name" not in wl:
+        raise StudyError("workload.name: missing; e.g. name = \"autoencoder\", \"prednet\" or \"mypkg.mod:make\"")
+    wname = _want("workload.name", wl["name"], (str,))
+    wparams = {k: v for k, v in wl.items() if k != "name"}
+
+    raw_configs = doc.get("configs")
+    if not raw_configs:
+        raise StudyError("configs: missing or empty; add at least two [[configs]] tables, one with reference = true")
+    _want("configs", raw_configs, (list,))
+    parsed = [_parse_config(i, c) for i, c in enumerate(raw_configs)]
+    configs = tuple(c for c, _ in parsed)
+    names = [c.name for c in configs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise StudyError(f"configs: duplicate config name(s) {dup}; every config needs a unique name")
+
+    flagged = [c.name for c, ref in parsed if ref]
+    ref = doc.get("reference")
+    if ref is not None:
+        _want("reference", ref, (str,))
+        if ref not in names:
+            raise StudyError(f"reference: {ref!r} is not a config name; use one of {names}")
+        if flagged and flagged != [ref]:
+            raise StudyError(f"reference: {ref!r} disagrees with configs marked reference = true {flagged}; keep one")
+    else:
+        if len(flagged) > 1:
+            raise StudyError(f"configs: {flagged} are all marked reference = true; mark exactly one")
+        if not flagged:
+            raise StudyError("reference: no reference config; set reference = \"NAME\" or reference = true in one [[configs]]")
+        ref = flagged[0]
+
+    seeds_raw = doc.get("seeds", {"count": 3})
+    if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool):
+        seeds_raw = {"count": seeds_raw}
+    elif isinstance(seeds_raw, list):
+        seeds_raw = {"list": seeds_raw}
+    _want("seeds", seeds_raw, (dict,), "; use seeds = 5, seeds = [0, 1, 2] or a [seeds] table")
+    _check_keys("seeds", seeds_raw, _SEEDS_KEYS)
+    base = _want("seeds.base", seeds_raw.get("base", 0), (int,))
+    if "list" in seeds_raw and "count" in seeds_raw:
+        raise StudyError("seeds: give either count or list, not both")
+    if "list" in seeds_raw:
+        seeds = _want("seeds.list", seeds_raw["list"], (list,))
+        for s in seeds:
+            _want("seeds.list[]", s, (int,))
+        if len(seeds) < 1:
+            raise StudyError("seeds.list: must hold at least one seed, e.g. [0, 1, 2]")
+        if len(set(seeds)) != len(seeds):
+            raise StudyError("seeds.list: seeds must be distinct")
+        seeds = tuple(seeds)
+    else:
+        count = _want("seeds.count", seeds_raw.get("count", 3), (int,))
+        if count < 1:
+            raise StudyError(f"seeds.count: must be >= 1, got {count}")
+        seeds = tuple(range(base, base + count))
+    vary = seeds_raw.get("vary", ["init", "data"])
+    if isinstance(vary, str):
+        vary = [vary]
+    _want("seeds.vary", vary, (list,))
+    for v in vary:
+        if v not in NOISE_SOURCES:
+            raise StudyError(f"seeds.vary: unknown noise source {v!r}; use any of {list(NOISE_SOURCES)}")
+    repeats = _want("seeds.repeats", seeds_raw.get("repeats", 1), (int,))
+    if repeats < 1:
+        raise StudyError(f"seeds.repeats: must be >= 1, got {repeats}")
+
+    b = doc.get("budget", {"epochs": 1})
+    _want("budget", b, (dict,))
+    _check_keys("budget", b, _BUDGET_KEYS)
+    for k in b:
+        _want(f"budget.{k}", b[k], (int,))
+        if b[k] < 1:
+            raise StudyError(f"budget.{k}: must be >= 1, got {b[k]}")
+    if "epochs" in b and "steps" in b:
+        raise StudyError("budget: give either epochs or steps, not both")
+    if "epochs" not in b and "steps" not in b:
+        raise StudyError("budget: give epochs = N or steps = N")
+    budget = Budget(**b)
+
+    verdict = doc.get("verdict", {})
+    _want("verdict", verdict, (dict,))
+    _check_keys("verdict", verdict, _VERDICT_KEYS)
+    margin = verdict.get("margin")
+    if margin is not None:
+        _want("verdict.margin", margin, (int, float))
+        if margin <= 0:
+            raise StudyError("verdict.margin: must be > 0")
+    mf = verdict.get("margin_fraction", 0.5)
+    _want("verdict.margin_fraction", mf, (int, float))
+    if mf <= 0:
+        raise StudyError("verdict.margin_fraction: must be > 0")
+
+    study = Study(
+        name=name,
+        workload=wname,
+        workload_params=wparams,
+        configs=configs,
+        reference=ref,
+        seeds=seeds,
+        vary=tuple(vary),
+        base_seed=base,
+        repeats=repeats,
+        budget=budget,
+        description=_want("description", doc.get("description", ""), (str,)),
+        margin=float(margin) if margin is not None else None,
+        margin_fraction=float(mf),
+        source=source,
+    )
+    # The workload must exist: resolve it now so a typo fails before any run.
+    from devicediff.workloads import check_workload_name
+
+    check_workload_name(study.workload)
+    return study
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("devicediff.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def preset_text(name: str) -> str:
+    return resources.files("devicediff.presets").joinpath(f"{name}.toml").read_text()
+
+
+def load_study(spec: str | Path, *, overrides: dict[str, Any] | None = None) -> Study:
+    """Load a study from a TOML path or a built-in preset name."""
+    spec = str(spec)
+    path = Path(spec)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise StudyError(f"study: file {spec!r} not found; give a .toml path or one of the presets {preset_names()}")
+        text, source = path.read_text(), str(path)
+    elif spec in preset_names():
+        text, source = preset_text(spec), f"preset:{spec}"
+    else:
+        raise StudyError(f"study: {spec!r} is neither a file nor a preset; presets are {preset_names()}")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise StudyError(f"study {source}: not valid TOML ({e})") from None
+    if overrides:
+        doc.setdefault("workload", {}).update(overrides)
+    return parse_study(doc, source=source)

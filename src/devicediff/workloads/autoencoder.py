@@ -1,0 +1,107 @@
+"""The MNIST autoencoder: the original study's control network.
+
+A fully connected autoencoder (784 → hidden → code → hidden → 784, ReLU, sigmoid
+output), trained with pixel MSE and Adam on the real MNIST digits. The original
+study found no CPU/GPU difference here; its training loop calls backward right
+after each forward, so it never reuses a buffer before backward (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from devicediff.data.mnist import DataError, load_mnist
+from devicediff.spec import Batch, Workload
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, sizes: list[int]):
+        super().__init__()
+        dims = [784, *sizes, *reversed(sizes[:-1]), 784]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], 784)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            h = torch.sigmoid(h) if i == len(self.layers) - 1 else torch.relu(h)
+        return h
+
+
+def init_linear(model: nn.Module, seed: int) -> None:
+    """He-uniform weights, zero biases, from a private CPU generator."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                bound = math.sqrt(6.0 / m.in_features)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 * bound - bound)
+                m.bias.zero_()
+
+
+class Autoencoder(Workload):
+    name = "autoencoder"
+
+    def __init__(
+        self,
+        *,
+        sizes: list[int] | tuple[int, ...] = (256, 64),
+        batch_size: int = 100,
+        lr: float = 1e-3,
+        train_size: int | None = None,
+        eval_size: int | None = None,
+        eval_split: str = "valid",
+        mnist_root: str | None = None,
+    ):
+        if batch_size < 1:
+            raise DataError(f"autoencoder.batch_size must be >= 1, got {batch_size}")
+        self.sizes, self.batch_size, self.lr = list(sizes), int(batch_size), float(lr)
+        x, _ = load_mnist("train", mnist_root)
+        xe, _ = load_mnist(eval_split, mnist_root)
+        self.train_x = torch.from_numpy(np.ascontiguousarray(x[:train_size]))
+        self.eval_x = torch.from_numpy(np.ascontiguousarray(xe[:eval_size]))
+        if len(self.train_x) < self.batch_size:
+            raise DataError(f"autoencoder: train_size {len(self.train_x)} is smaller than batch_size {batch_size}")
+        self.eval_split = eval_split
+
+    def describe(self) -> dict[str, Any]:
+        return {"sizes": self.sizes, "batch_size": self.batch_size, "lr": self.lr,
+                "train_size": len(self.train_x), "eval_split": self.eval_split, "eval_size": len(self.eval_x)}
+
+    def build_model(self, init_seed: int) -> nn.Module:
+        model = AutoEncoder(self.sizes)
+        init_linear(model, init_seed)
+        return model
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.lr)
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train_x) // self.batch_size  # drop the last partial batch
+
+    def train_batches(self, data_seed: int, epoch: int) -> Iterator[Batch]:
+        order = np.random.default_rng([data_seed, epoch]).permutation(len(self.train_x))
+        order = torch.from_numpy(order)
+        for i in range(self.steps_per_epoch()):
+            yield Batch(self.train_x[order[i * self.batch_size : (i + 1) * self.batch_size]])
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x = batch.data
+        return torch.mean((model(x) - x.reshape(x.shape[0], 784)) ** 2)
+
+    def evaluate(self, model: nn.Module, device) -> dict[str, float]:
+        total, n = 0.0, 0
+        for i in range(0, len(self.eval_x), 1000):
+            x = self.eval_x[i : i + 1000].to(device)
+            total += torch.sum((model(x) - x.reshape(x.shape[0], 784)) ** 2).item()
+            n += x.shape[0] * 784
+        return {"eval_loss": total / n}
+
+
+def make(**params: Any) -> Autoencoder:
+    return Autoencoder(**params)
