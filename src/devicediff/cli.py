@@ -22,6 +22,12 @@ class UsageError(Exception):
     """A one-line user error raised by a subcommand."""
 
 
+def wide_console() -> Console:
+    """Tables stay readable when stdout is a file or a pipe (CI logs)."""
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
+
+
 def _store(args, *, create: bool = True):
     from devicediff.store import open_store
 
@@ -34,16 +40,20 @@ def _store(args, *, create: bool = True):
 def cmd_run(args) -> int:
     from devicediff.executors import make_executor
     from devicediff.progress import Progress
-    from devicediff.runner import run_study
+    from devicediff.runner import preflight, run_study
     from devicediff.summary import print_study
 
     overrides = dict(kv.split("=", 1) for kv in args.set or [])
     if args.data:
         overrides["data"] = args.data
     study = load_study(args.study, overrides={k: _parse_value(v) for k, v in overrides.items()} or None)
+    if args.only:
+        for name in args.only:
+            study.config(name)  # unknown name: StudyError
+    preflight(study)
     executor = make_executor(args.executor, jobs=args.jobs, slots_per_gpu=args.gpu_slots, address=args.address)
     store = _store(args)
-    console = Console()
+    console = wide_console()
     progress = Progress(enabled=not args.quiet, jobs=args.jobs)
     try:
         run_study(study, store, store_path=args.store, executor=executor, retry_failed=args.retry_failed,
@@ -63,38 +73,24 @@ def _parse_value(v: str):
 
 
 def cmd_status(args) -> int:
+    from devicediff.study import study_from_definition
     from devicediff.summary import print_study
-    from devicediff.study import parse_study
 
     store = _store(args, create=False)
-    console = Console()
+    console = wide_console()
     studies = store.studies()
     if studies.empty:
         console.print("the store holds no studies yet")
     for _, s in studies.iterrows():
         d = s["definition"]
         try:
-            study = parse_study(_definition_to_doc(s["name"], d), source="store")
+            study = study_from_definition(s["name"], d)
         except StudyError as e:
             console.print(f"{s['name']}: cannot re-read definition ({e})")
             continue
         print_study(console, study, store, verdicts=False)
     store.close()
     return 0
-
-
-def _definition_to_doc(name: str, d: dict) -> dict:
-    """Turn a stored study definition back into a study document."""
-    return {
-        "name": name,
-        "description": d.get("description", ""),
-        "workload": {"name": d["workload"], **d.get("workload_params", {})},
-        "configs": d["configs"],
-        "reference": d["reference"],
-        "seeds": {"list": d["seeds"], "vary": d["vary"], "repeats": d.get("repeats", 1), "base": d.get("base_seed", 0)},
-        "budget": {k: v for k, v in d["budget"].items() if v is not None},
-        "verdict": {k: v for k, v in (("margin", d.get("margin")), ("margin_fraction", d.get("margin_fraction"))) if v is not None},
-    }
 
 
 def cmd_env(args) -> int:

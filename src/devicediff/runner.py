@@ -53,7 +53,27 @@ def build_job(study: Study, cell: Cell, run_id: str, run_dir: Path) -> dict:
         "budget": {k: v for k, v in vars(study.budget).items()},
         "artifact_dir": str(run_dir),
         "checkpoint_path": str(run_dir / "checkpoint.pt"),
+        "torch_python": sys.executable,  # builds initial weights for other frameworks (init_export)
     }
+
+
+def preflight(study: Study) -> None:
+    """Build the workload once per distinct parameter set in this process, so a
+    bad parameter or unreadable data fails with one line before any run starts
+    and before the store is touched."""
+    from devicediff.workloads import make_workload
+
+    study_dir = Path(study.source).parent if study.source and not study.source.startswith("preset:") else None
+    name = resolve_workload_name(study.workload, study_dir)
+    seen = set()
+    for cfg in study.configs:
+        if cfg.framework != "torch":
+            continue  # other frameworks build their own copy; their params are checked in their worker
+        params = {**study.workload_params, **cfg.params}
+        key = repr(sorted(params.items()))
+        if key not in seen:
+            seen.add(key)
+            make_workload(name, params)
 
 
 def python_for(cell: Cell) -> str:

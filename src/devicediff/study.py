@@ -350,9 +350,10 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
         source=source,
     )
     # The workload must exist: resolve it now so a typo fails before any run.
-    from devicediff.workloads import check_workload_name
+    from devicediff.workloads import check_workload_name, resolve_workload_name
 
-    check_workload_name(study.workload)
+    study_dir = Path(source).parent if source and not source.startswith("preset:") else None
+    check_workload_name(resolve_workload_name(study.workload, study_dir))
     return study
 
 
@@ -383,3 +384,24 @@ def load_study(spec: str | Path, *, overrides: dict[str, Any] | None = None) -> 
     if overrides:
         doc.setdefault("workload", {}).update(overrides)
     return parse_study(doc, source=source)
+
+
+def study_from_definition(name: str, d: dict[str, Any]) -> Study:
+    """Rebuild a ``Study`` from the definition stored with its runs (``Study.to_dict``)."""
+    configs = []
+    for c in d["configs"]:
+        c = {k: v for k, v in c.items() if v is not None and k not in ("ray_resources", "python")}
+        configs.append(c)
+    doc = {
+        "name": name,
+        "description": d.get("description", ""),
+        "workload": {"name": d["workload"], **d.get("workload_params", {})},
+        "configs": configs,
+        "reference": d["reference"],
+        "seeds": {"list": list(d["seeds"]), "vary": list(d["vary"]), "repeats": d.get("repeats", 1),
+                  "base": d.get("base_seed", 0)},
+        "budget": {k: v for k, v in d["budget"].items() if v is not None},
+        "verdict": {k: d[k] for k in ("margin", "margin_fraction") if d.get(k) is not None},
+    }
+    study = parse_study(doc, source="store")
+    return study

@@ -68,7 +68,8 @@ def bitwise_table(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
             "repeatable": (bool((reps[has_rep] == 1).all()) if has_rep.any() else None),
             "init_hashes_per_seed_shared": same_init == first["seed"].nunique(),
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["config", "runs", "matches_reference", "bitwise_equal_to_reference",
+                                       "repeatable", "init_hashes_per_seed_shared"])
 
 
 def init_hash_check(runs: pd.DataFrame) -> pd.DataFrame:

@@ -253,6 +253,7 @@ def run(job: dict, writer: RecordWriter) -> None:
     sampler = ThreadSampler()
     sync(ctx.device)
     t_train = time.perf_counter()
+    side = 0.0  # seconds spent in evaluation and checkpoints, not training steps
     for step, batch in _batches_from(ctx, start):
         loss = train_step(ctx, batch, step, use_lr)
         done = step + 1
@@ -262,12 +263,17 @@ def run(job: dict, writer: RecordWriter) -> None:
             writer.emit("progress", step=done, total=ctx.total_steps)
             if not math.isfinite(value):
                 raise FloatingPointError(f"diverged: train_loss is {value} at step {done}")
-        if _eval_due(ctx, done):
-            evaluate(ctx, done)
-        if _checkpoint_due(ctx, done) and done < ctx.total_steps:
-            save_checkpoint(ctx, done)
+        if _eval_due(ctx, done) or (_checkpoint_due(ctx, done) and done < ctx.total_steps):
+            sync(ctx.device)
+            t_side = time.perf_counter()
+            if _eval_due(ctx, done):
+                evaluate(ctx, done)
+            if _checkpoint_due(ctx, done) and done < ctx.total_steps:
+                save_checkpoint(ctx, done)
+            sync(ctx.device)
+            side += time.perf_counter() - t_side
     sync(ctx.device)
-    train_time = time.perf_counter() - t_train
+    train_time = time.perf_counter() - t_train - side
 
     arts = ctx.workload.artifacts(ctx.model, ctx.device, ctx.outdir)
     for name, path in arts.items():

@@ -84,12 +84,33 @@ def check_workload_name(name: str) -> None:
     _import_target(target)
 
 
+def _check_params(name: str, fn: Callable, params: dict[str, Any]) -> None:
+    """Unknown parameter names fail with the list of known ones."""
+    import inspect
+
+    target = getattr(fn, "__wrapped_workload__", fn)
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    ps = sig.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in ps):
+        cls = getattr(fn, "__self__", None) or getattr(inspect.getmodule(fn), "WORKLOAD_CLASS", None)
+        if cls is None:
+            return
+        ps = inspect.signature(cls).parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in ps):
+            return
+    known = [p.name for p in ps if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for k in params:
+        if k not in known:
+            raise StudyError(f"workload.{k}: unknown parameter for workload {name!r}; known parameters are {known}")
+
+
 def make_workload(name: str, params: dict[str, Any]) -> Workload:
     fn = _import_target(_target(name))
-    try:
-        wl = fn(**params)
-    except TypeError as e:
-        raise StudyError(f"workload {name!r}: bad parameters ({e})") from None
+    _check_params(name, fn, params)
+    wl = fn(**params)
     if not isinstance(wl, Workload):
         raise StudyError(f"workload {name!r}: {fn.__name__}() returned {type(wl).__name__}, not a devicediff.spec.Workload")
     return wl

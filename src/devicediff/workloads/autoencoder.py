@@ -103,5 +103,8 @@ class Autoencoder(Workload):
         return {"eval_loss": total / n}
 
 
+WORKLOAD_CLASS = Autoencoder
+
+
 def make(**params: Any) -> Autoencoder:
     return Autoencoder(**params)

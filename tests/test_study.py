@@ -1,0 +1,95 @@
+"""Study files: strict parsing, one clear line per mistake."""
+
+from __future__ import annotations
+
+import pytest
+
+from devicediff.study import StudyError, load_study, parse_study, preset_names
+
+BASE = {
+    "name": "s",
+    "workload": {"name": "autoencoder"},
+    "configs": [{"name": "a", "reference": True}, {"name": "b", "threads": 2}],
+    "seeds": 3,
+    "budget": {"epochs": 1},
+}
+
+
+def doc(**changes):
+    d = {k: (v.copy() if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in BASE.items()}
+    d.update(changes)
+    return d
+
+
+def test_valid_study_expands_seed_major_cells():
+    s = parse_study(doc())
+    assert s.reference == "a" and s.seeds == (0, 1, 2)
+    cells = s.cells()
+    assert [(c.config.name, c.seed) for c in cells[:2]] == [("a", 0), ("b", 0)]
+    assert len(cells) == 6
+    assert all(c.init_seed == c.seed and c.data_seed == c.seed for c in cells)
+
+
+def test_vary_init_only_holds_data_seed():
+    s = parse_study(doc(seeds={"count": 2, "vary": ["init"], "base": 7}))
+    assert {c.data_seed for c in s.cells()} == {7}
+    assert {c.init_seed for c in s.cells()} == {7, 8}
+
+
+def test_study_id_changes_with_definition_not_notes():
+    a = parse_study(doc())
+    b = parse_study(doc(configs=[{"name": "a", "reference": True, "note": "hi"}, {"name": "b", "threads": 2}]))
+    c = parse_study(doc(budget={"epochs": 2}))
+    assert a.study_id == b.study_id != c.study_id
+
+
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"bogus": 1}, "study: unknown key 'bogus'"),
+        ({"configs": [{"name": "a", "reference": True, "thread": 2}, {"name": "b"}]}, "unknown key 'thread'"),
+        ({"configs": [{"name": "a", "reference": True, "threads": "4"}, {"name": "b"}]}, "configs[0].threads: expected int"),
+        ({"configs": [{"name": "a", "reference": True}, {"name": "a"}]}, "duplicate config name"),
+        ({"configs": [{"name": "a"}, {"name": "b"}]}, "no reference config"),
+        ({"reference": "zzz"}, "reference: 'zzz' is not a config name"),
+        ({"seeds": 0}, "seeds.count: must be >= 1"),
+        ({"seeds": {"list": []}}, "seeds.list: must hold at least one seed"),
+        ({"seeds": {"count": 2, "vary": ["dropout"]}}, "unknown noise source 'dropout'"),
+        ({"workload": {"name": "nope"}}, "unknown workload 'nope'"),
+        ({"budget": {"epochs": 1, "steps": 3}}, "either epochs or steps"),
+        ({"configs": [{"name": "a", "reference": True, "device": "tpu"}, {"name": "b"}]}, "is not a device"),
+        ({"configs": [{"name": "a", "reference": True, "tf32": True}, {"name": "b"}]}, "only meaningful on a GPU"),
+        ({"configs": [{"name": "a", "reference": True, "framework": "jax"}, {"name": "b"}]}, "unknown framework 'jax'"),
+        ({"configs": [{"name": "a", "reference": True, "threads": True}, {"name": "b"}]}, "expected int, got bool"),
+    ],
+)
+def test_bad_studies_fail_with_one_line(changes, needle):
+    with pytest.raises(StudyError) as e:
+        parse_study(doc(**changes))
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_presets_load():
+    names = preset_names()
+    assert {"quick", "paper-autoencoder"} <= set(names)
+    for n in names:
+        s = load_study(n)
+        assert s.reference in [c.name for c in s.configs]
+    q = load_study("quick")
+    assert all(c.device == "cpu" for c in q.configs) and len({c.threads for c in q.configs}) >= 2 and len(q.seeds) >= 3
+    p = load_study("paper-autoencoder")
+    assert {c.threads for c in p.configs if c.device == "cpu"} == {1, 4, 6}
+    assert len(p.seeds) == 10
+    gpu = {c.name: c for c in p.configs if c.is_gpu}
+    assert any(not c.cudnn for c in gpu.values()) and any(c.deterministic for c in gpu.values())
+    assert any(c.tf32 for c in gpu.values())
+
+
+def test_load_study_errors(tmp_path):
+    with pytest.raises(StudyError, match="neither a file nor a preset"):
+        load_study("no-such-study")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [")
+    with pytest.raises(StudyError, match="not valid TOML"):
+        load_study(bad)
