@@ -84,7 +84,8 @@ def state_sha256(model: torch.nn.Module) -> str:
 
 
 def flat_weights(model: torch.nn.Module) -> np.ndarray:
-    return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for _, p in sorted(model.named_parameters())]).numpy()
+    """All parameters, sorted by name, flattened; float32 weights stay float32 (exact)."""
+    return torch.cat([p.detach().reshape(-1).to("cpu") for _, p in sorted(model.named_parameters())]).numpy()
 
 
 def sync(device: torch.device) -> None:
