@@ -1,0 +1,1 @@
+"""Analysis: pure functions from stored runs to DataFrames (statistics, divergence, plots)."""
