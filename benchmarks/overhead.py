@@ -43,6 +43,8 @@ BARE = textwrap.dedent(
     order = torch.from_numpy(np.random.default_rng([0, 0]).permutation(len(x_all)))
     steps = len(x_all) // a["batch"]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.no_grad():  # warm-up, as the harness's step-0 evaluation does (cuBLAS handles, kernels)
+        model(wl.eval_x[:1000].to(dev))
     sync(); t0 = time.perf_counter()
     for i in range(steps):
         x = x_all[order[i * a["batch"]:(i + 1) * a["batch"]]].to(dev)
