@@ -45,8 +45,9 @@ def tiny_study(tmp_path: Path):
 
 
 def devicediff(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess."""
+    """Run the real CLI in a subprocess, as the console script does (no cwd on sys.path)."""
+    launcher = "import sys; sys.path.pop(0); from devicediff.cli import main; sys.exit(main())"
     return subprocess.run(
-        [sys.executable, "-m", "devicediff", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        [sys.executable, "-c", launcher, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})},
     )

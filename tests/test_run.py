@@ -156,3 +156,14 @@ def test_nan_run_recorded_as_failed(tiny_study, tmp_path):
     failed = runs[runs["state"] == "failed"]
     assert failed.empty or failed["error"].str.contains("diverged").all()
     assert sqlite3.connect(tmp_path / "n.db").execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_workers_ignore_modules_in_the_working_directory(tiny_study, tmp_path):
+    """A user's timeit.py or random.py in the folder must not shadow the standard library in workers."""
+    (tmp_path / "timeit.py").write_text("raise SystemExit('shadowed timeit imported')\n")
+    (tmp_path / "random.py").write_text("raise SystemExit('shadowed random imported')\n")
+    p = tiny_study("shadow", seeds=1)
+    r = devicediff("run", str(p), "--store", str(tmp_path / "sh.db"), "-q", "--only", "cpu-1t", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with open_store(str(tmp_path / "sh.db")) as s:
+        assert set(s.runs()["state"]) == {"finished"}
