@@ -1,0 +1,448 @@
+"""PredNet workload: model equations, naming, determinism, the planted fault,
+batches, evaluation and SSIM. Tiny sizes, one CPU thread: a few seconds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from devicediff.data.mnist import DataError
+from devicediff.spec import Batch
+from devicediff.workloads.prednet import make
+from devicediff.workloads.prednet.model import (CUDNN_ROUTES, PLAIN, PredNet, _Conv3x3Fn, build_prednet,
+                                                 choose_route)
+from devicediff.workloads.prednet.workload import AliasedTargetMSE, lotter_loss, ssim, window_mse_loss
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny convolutions: one thread is fastest, and immune to a busy machine's OpenMP contention.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+TINY = dict(layers=3, channels=[1, 4, 8], height=16, width=16, sequences=6, test_sequences=2, eval_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def chainer_wl():
+    return make(variant="chainer-lineage", window=5, sequence_length=11, **TINY)
+
+
+@pytest.fixture(scope="module")
+def lotter_wl():
+    return make(variant="lotter", window=5, batch_size=2, **TINY)
+
+
+# ------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------
+
+
+def test_state_dict_names_and_shapes():
+    m = build_prednet(variant="chainer-lineage", channels=[3, 48, 96, 192], height=120, width=160, init_seed=0)
+    sd = m.state_dict()
+    assert sd["layers.0.lstm.weight"].shape == (4 * 3, 2 * 3 + 3 + 48, 3, 3)
+    assert sd["layers.0.peephole_i"].shape == (3, 120, 160)
+    assert sd["layers.3.peephole_o"].shape == (192, 15, 20)
+    assert sd["layers.3.lstm.weight"].shape == (4 * 192, 2 * 192 + 192, 3, 3)
+    assert sd["layers.1.conv_p.weight"].shape == (48, 48, 3, 3)
+    assert sd["layers.2.conv_a.weight"].shape == (192, 2 * 96, 3, 3)
+    assert "layers.3.conv_a.weight" not in sd
+    per_layer = {"lstm.weight", "lstm.bias", "conv_p.weight", "conv_p.bias", "conv_a.weight", "conv_a.bias",
+                 "peephole_i", "peephole_f", "peephole_o"}
+    assert {k.split(".", 2)[2] for k in sd} == per_layer
+    lot = build_prednet(variant="lotter", channels=[3, 48, 96, 192], height=128, width=160, init_seed=0)
+    assert not any("peephole" in k for k in lot.state_dict())
+    assert sum(p.numel() for p in lot.parameters()) == 6_915_948  # coxlab/prednet's KITTI model size
+
+
+def test_init_depends_on_seed_only():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = build_prednet(variant="chainer-lineage", channels=[1, 4, 8], height=16, width=16, init_seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is not touched
+    torch.manual_seed(999)
+    b = build_prednet(variant="chainer-lineage", channels=[1, 4, 8], height=16, width=16, init_seed=7)
+    c = build_prednet(variant="chainer-lineage", channels=[1, 4, 8], height=16, width=16, init_seed=8)
+    for k, v in a.state_dict().items():
+        assert v.numpy().tobytes() == b.state_dict()[k].numpy().tobytes(), k
+    assert not torch.equal(a.state_dict()["layers.1.lstm.weight"], c.state_dict()["layers.1.lstm.weight"])
+    # Documented scales: LeCun normal (chainer-lineage), Glorot uniform per gate block (lotter).
+    big = build_prednet(variant="chainer-lineage", channels=[3, 48, 96, 192], height=32, width=32, init_seed=0)
+    w = big.state_dict()["layers.2.lstm.weight"]
+    assert w.std().item() == pytest.approx(math.sqrt(1 / (w.shape[1] * 9)), rel=0.02)
+    lot = build_prednet(variant="lotter", channels=[3, 48, 96, 192], height=32, width=32, init_seed=0)
+    w = lot.state_dict()["layers.2.lstm.weight"]
+    bound = math.sqrt(6 / (w.shape[1] * 9 + 96 * 9))
+    assert w.abs().max().item() <= bound and w.abs().max().item() > 0.99 * bound
+    assert torch.count_nonzero(lot.state_dict()["layers.2.lstm.bias"]) == 0
+
+
+def _reference_chainer_step(m, x, P, R, C):
+    """The docstring's equations written out one gate at a time (the form a
+    Chainer mirror would take): bottom-up, then top-down with
+    X_l = [E_l, R_l(prev), nearest_up(R_{l+1})], gates i, f, o, g."""
+    L = m.num_layers
+    E, A = [], x
+    for l in range(L):
+        E.append(torch.cat([F.relu(A - P[l]), F.relu(P[l] - A)], 1))
+        if l < L - 1:
+            ca = m.layers[l].conv_a
+            A = F.max_pool2d(F.relu(F.conv2d(E[l], ca.weight, ca.bias, padding=1)), 2, stride=2)
+    newR, newC, newP = [None] * L, [None] * L, [None] * L
+    for l in reversed(range(L)):
+        lay, n = m.layers[l], m.layers[l].r_ch
+        parts = [E[l], R[l]]
+        if l < L - 1:
+            parts.append(newR[l + 1].repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+        X = torch.cat(parts, 1)
+        W, b = lay.lstm.weight, lay.lstm.bias
+
+        def gate(k):
+            return F.conv2d(X, W[k * n : (k + 1) * n], b[k * n : (k + 1) * n], padding=1)
+
+        i = torch.sigmoid(gate(0) + lay.peephole_i * C[l])
+        f = torch.sigmoid(gate(1) + lay.peephole_f * C[l])
+        c = f * C[l] + i * torch.tanh(gate(3))
+        o = torch.sigmoid(gate(2) + lay.peephole_o * c)
+        newR[l], newC[l] = o * torch.tanh(c), c
+        q = F.conv2d(newR[l], lay.conv_p.weight, lay.conv_p.bias, padding=1)
+        newP[l] = torch.clamp(q, 0, 1) if l == 0 else F.relu(q)
+    return newP, newR, newC
+
+
+def test_chainer_lineage_matches_written_equations():
+    m = build_prednet(variant="chainer-lineage", channels=[2, 4, 6], height=8, width=12, init_seed=3).double()
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(2, 3, 2, 8, 12, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        out = m(frames)
+        st = m.zero_state(frames[:, 0])
+        P, R, C = st.carry, st.r, st.c
+        for t in range(3):
+            P, R, C = _reference_chainer_step(m, frames[:, t], P, R, C)
+            torch.testing.assert_close(out.predictions[t], P[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(out.state.r + out.state.c + out.state.carry, R + C + P):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_lotter_matches_written_equations():
+    m = build_prednet(variant="lotter", channels=[2, 4, 6], height=8, width=12, init_seed=3).double()
+    frames = torch.rand(2, 4, 2, 8, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    hs = lambda z: torch.clamp(0.2 * z + 0.5, 0, 1)  # noqa: E731 - Keras hard_sigmoid
+    with torch.no_grad():
+        out = m(frames)
+        L = m.num_layers
+        st = m.zero_state(frames[:, 0])
+        R, C, E = st.r, st.c, st.carry
+        for t in range(4):
+            newR = [None] * L
+            for l in reversed(range(L)):
+                lay, n = m.layers[l], m.layers[l].r_ch
+                parts = [E[l], R[l]] + ([F.interpolate(newR[l + 1], scale_factor=2.0)] if l < L - 1 else [])
+                z = F.conv2d(torch.cat(parts, 1), lay.lstm.weight, lay.lstm.bias, padding=1)
+                i, f, o, gg = z.split(n, 1)
+                C[l] = hs(f) * C[l] + hs(i) * torch.tanh(gg)
+                newR[l] = hs(o) * torch.tanh(C[l])
+            R, A = newR, frames[:, t]
+            for l in range(L):
+                lay = m.layers[l]
+                ahat = F.relu(F.conv2d(R[l], lay.conv_p.weight, lay.conv_p.bias, padding=1))
+                ahat = torch.clamp(ahat, max=1.0) if l == 0 else ahat
+                if l == 0:
+                    torch.testing.assert_close(out.predictions[t], ahat, rtol=1e-12, atol=1e-12)
+                E[l] = torch.cat([F.relu(A - ahat), F.relu(ahat - A)], 1)
+                torch.testing.assert_close(out.errors[t][l], E[l], rtol=1e-12, atol=1e-12)
+                if l < L - 1:
+                    A = F.max_pool2d(F.relu(F.conv2d(E[l], lay.conv_a.weight, lay.conv_a.bias, padding=1)), 2)
+
+
+@pytest.mark.parametrize("route", [("conv", "native"), ("tconv", "native"), ("conv", "conv"), ("tconv", "conv")])
+def test_conv_routes_compute_the_same_function(route):
+    # Every cuDNN entry point a route may use computes the same 3x3 "same" correlation and gradients.
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 5, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 4, 7, 6, generator=g, dtype=torch.float64)
+    y0 = F.conv2d(x, w, b, padding=1)
+    g0 = torch.autograd.grad(y0, (x, w, b), gy)
+    y = _Conv3x3Fn.apply(x, w, b, route, None)
+    torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
+    for a, c in zip(torch.autograd.grad(y, (x, w, b), gy), g0):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def test_route_choice_and_plain_cpu_path():
+    key, route = next(iter(CUDNN_ROUTES.items()))
+    assert choose_route("auto", key, 9) == route  # Hopper: the measured table
+    assert choose_route("auto", key, 8) == PLAIN  # other GPUs: plain conv2d
+    assert choose_route("auto", (1, 2, 3, 4, 5), 9) == PLAIN  # unlisted shape
+    assert choose_route("plain", key, 9) == PLAIN
+    assert choose_route({key: ("tconv", "conv")}, key, None) == ("tconv", "conv")
+    # On CPU the default model is plain autograd conv2d: nothing custom in the graph.
+    m = build_prednet(variant="lotter", channels=[1, 4], height=8, width=8, init_seed=0)
+    y = m.layers[0].lstm(torch.rand(4, 2 * 1 + 1 + 4, 8, 8))
+    assert type(y.grad_fn).__name__.startswith("Convolution")
+
+
+def test_batch_wgrad_option_same_gradients():
+    a = build_prednet(variant="lotter", channels=[2, 4, 6], height=8, width=8, init_seed=0).double()
+    b = build_prednet(variant="lotter", channels=[2, 4, 6], height=8, width=8, init_seed=0).double().set_batch_wgrad()
+    x = torch.rand(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for m in (a, b):
+        lotter_loss(m(x), [1.0, 0.5, 0.0]).backward()
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-14, msg=k)
+
+
+def test_bad_architecture_is_refused():
+    with pytest.raises(ValueError, match="divisible"):
+        PredNet(variant="lotter", channels=[3, 8, 16], height=30, width=32)
+    with pytest.raises(ValueError, match="variant"):
+        PredNet(variant="keras", channels=[3, 8], height=32, width=32)
+
+
+# ------------------------------------------------------------------------------------------
+# Workload: batches, loss, fault, training
+# ------------------------------------------------------------------------------------------
+
+
+def test_batches_deterministic_and_windowed(chainer_wl):
+    wl = chainer_wl
+    a = list(wl.train_batches(3, 0))
+    b = list(wl.train_batches(3, 0))
+    c = list(wl.train_batches(3, 1))
+    assert len(a) == wl.steps_per_epoch() == 6 * 2  # 10 pairs per sequence in windows of 5
+    assert all(torch.equal(x.data, y.data) and x.new_sequence == y.new_sequence for x, y in zip(a, b))
+    assert any(not torch.equal(x.data, y.data) for x, y in zip(a, c))
+    assert [x.new_sequence for x in a] == [True, False] * 6
+    assert a[0].data.shape == (1, 6, 1, 16, 16)  # 5 inputs + the 5th target
+    # consecutive windows of a sequence overlap by exactly one frame
+    assert torch.equal(a[0].data[:, -1], a[1].data[:, 0])
+
+
+def test_lotter_batches(lotter_wl):
+    bs = list(lotter_wl.train_batches(0, 0))
+    assert len(bs) == lotter_wl.steps_per_epoch() == 3
+    assert all(b.new_sequence and b.data.shape == (2, 5, 1, 16, 16) for b in bs)
+    assert lotter_wl.learning_rate(0, 10) == pytest.approx(1e-3)
+    assert lotter_wl.learning_rate(5, 10) == pytest.approx(1e-4)
+
+
+def test_state_carried_within_sequence_and_reset(chainer_wl):
+    wl = chainer_wl
+    m = wl.build_model(0)
+    first, second = list(wl.train_batches(0, 0))[:2]
+    with torch.no_grad():
+        wl.reset_state()
+        wl.loss(m, first)
+        carried = wl.loss(m, second).item()
+        fresh = wl.loss(m, Batch(second.data, new_sequence=True)).item()
+    assert carried != fresh
+    wl.reset_state()
+
+
+def _grads(wl, model, batch):
+    model.zero_grad(set_to_none=True)
+    wl.reset_state()
+    loss = wl.loss(model, batch)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def test_alias_targets_same_loss_wrong_gradients():
+    kw = dict(variant="chainer-lineage", window=5, sequence_length=6, **TINY)
+    good, bad = make(**kw), make(fault="alias_targets", **kw)
+    m = good.build_model(0)
+    batch = next(iter(good.train_batches(0, 0)))
+    l_good, g_good = _grads(good, m, batch)
+    l_bad, g_bad = _grads(bad, m, batch)
+    assert l_good.item() == l_bad.item()  # the forward loss is right ...
+    rel = torch.linalg.vector_norm(g_bad["layers.1.lstm.weight"] - g_good["layers.1.lstm.weight"]) / \
+        torch.linalg.vector_norm(g_good["layers.1.lstm.weight"])
+    assert rel > 0.05  # ... the gradients are not
+    # The wrong gradients are exactly those of every term measured against the window's last target.
+    m.zero_grad(set_to_none=True)
+    x = batch.data
+    out = m(x[:, :-1])
+    last = x[:, -1:].expand_as(x[:, 1:])
+    window_mse_loss(out.predictions, last).backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(g_bad[k], p.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_aliased_mse_reads_buffer_at_backward():
+    pred = torch.tensor([1.0, 2.0], requires_grad=True)
+    buf = torch.tensor([0.0, 0.0])
+    loss = AliasedTargetMSE.apply(pred, buf)
+    assert loss.item() == pytest.approx(2.5)
+    buf.copy_(torch.tensor([1.0, 2.0]))  # overwritten after forward, before backward
+    loss.backward()
+    assert torch.equal(pred.grad, torch.zeros(2))
+
+
+def test_alias_fault_needs_chainer_lineage():
+    with pytest.raises(ValueError, match="chainer-lineage"):
+        make(variant="lotter", fault="alias_targets", **TINY)
+    with pytest.raises(ValueError, match="fault"):
+        make(variant="chainer-lineage", fault="typo", **TINY)
+
+
+@pytest.mark.parametrize("variant", ["chainer-lineage", "lotter"])
+def test_a_few_steps_reduce_the_loss(variant, chainer_wl, lotter_wl):
+    wl = chainer_wl if variant == "chainer-lineage" else lotter_wl
+    m = wl.build_model(0)
+    # chainer-lineage at a rate that shows in 12 steps; lotter's L1-like loss first learns to predict
+    # the black background of Moving MNIST, a small but steady drop at its own rate.
+    lr, drop = (1e-2, 0.8) if variant == "chainer-lineage" else (1e-3, 0.97)
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    batch = Batch(next(iter(wl.train_batches(0, 0))).data, new_sequence=True)
+    losses = []
+    for _ in range(12):
+        opt.zero_grad(set_to_none=True)
+        loss = wl.loss(m, batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < drop * losses[0], losses
+
+
+def test_evaluate_and_artifacts(chainer_wl, lotter_wl, tmp_path):
+    for wl in (chainer_wl, lotter_wl):
+        m = wl.build_model(0)
+        with torch.no_grad():
+            metrics = wl.evaluate(m, torch.device("cpu"))
+        assert set(metrics) == {"eval_loss", "eval_mse", "eval_ssim", "baseline_mse", "baseline_ssim"}
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert 0 < metrics["baseline_mse"] < 1 and -1 <= metrics["eval_ssim"] <= 1
+        arts = wl.artifacts(m, torch.device("cpu"), tmp_path / wl.variant)
+        png = arts["prediction_grid"].read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_validates_parameters():
+    with pytest.raises(DataError, match="channels"):
+        make(variant="chainer-lineage", channels=[3, 4], height=16, width=16, sequences=2, test_sequences=1)
+    with pytest.raises(ValueError, match="layers"):
+        make(variant="chainer-lineage", layers=3, channels=[1, 4], height=16, width=16, sequences=2, test_sequences=1)
+    with pytest.raises(ValueError, match="nt"):
+        make(variant="chainer-lineage", nt=10, height=16, width=16, sequences=2, test_sequences=1)
+    with pytest.raises(DataError, match="batch_size"):
+        make(variant="lotter", batch_size=8, height=16, width=16, layers=2, sequences=3, test_sequences=1)
+    wl = make(variant="lotter", nt=4, layers=2, height=16, width=16, sequences=4, test_sequences=1, batch_size=2)
+    assert wl.describe()["window"] == 4 and wl.describe()["channels"] == [1, 48]
+
+
+# ------------------------------------------------------------------------------------------
+# SSIM
+# ------------------------------------------------------------------------------------------
+
+
+def test_ssim_matches_skimage_pinned():
+    # Reference values from scikit-image 0.26.0:
+    #   structural_similarity(x, y, data_range=1.0, gaussian_weights=True, sigma=1.5,
+    #                         use_sample_covariance=False, channel_axis=0)
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 24, 20))
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1)
+    got = ssim(torch.from_numpy(x)[None], torch.from_numpy(y)[None]).item()
+    assert got == pytest.approx(0.948245890888287, abs=1e-12)
+    yy, xx = np.mgrid[0:32, 0:32]
+    a = 0.5 + 0.4 * np.sin(xx / 5.0) * np.cos(yy / 7.0)
+    b = np.clip(a * 0.8 + 0.05 + 0.02 * np.sin(xx + yy), 0, 1)
+    got = ssim(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None]).item()
+    assert got == pytest.approx(0.9454461027015943, abs=1e-12)
+
+
+def test_ssim_live_against_skimage_if_installed():
+    skm = pytest.importorskip("skimage.metrics")
+    rng = np.random.default_rng(5)
+    x = rng.random((2, 1, 20, 17))
+    y = np.clip(x * 0.7 + 0.2 * rng.random(x.shape), 0, 1)
+    got = ssim(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    ref = [skm.structural_similarity(x[i, 0], y[i, 0], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False) for i in range(2)]
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+
+
+def test_ssim_hand_computed_cases():
+    x = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-12)
+    # Constant images: σ = 0, so SSIM = (2 μx μy + C1) / (μx² + μy² + C1), C1 = (0.01)².
+    a, b, c1 = 0.3, 0.6, 0.01**2
+    got = ssim(torch.full((1, 1, 12, 12), a), torch.full((1, 1, 12, 12), b)).item()
+    assert got == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# Documented run (docs/prednet.md): both variants beat copy-last on held-out Moving MNIST
+# ------------------------------------------------------------------------------------------
+
+BEAT_BASELINE = {
+    # 3 layers (1, 16, 32), 32x32 Moving MNIST (64x64 canvas shrunk), 400 training sequences, 50 held out.
+    "chainer-lineage": dict(steps=400, params=dict(window=10, sequence_length=20)),  # Adam 1e-3, batch 1
+    # lotter at its own 1e-3 kills the P_0 ReLU on sparse Moving MNIST within ~50 steps (it then predicts
+    # black forever, see docs/prednet.md); 3e-4 trains. Halved to 3e-5 halfway, as the workload does.
+    "lotter": dict(steps=300, params=dict(window=10, batch_size=4, lr=3e-4)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(BEAT_BASELINE))
+def test_beats_copy_last_baseline(variant):
+    import platform
+    import time
+
+    cfg = BEAT_BASELINE[variant]
+    wl = make(variant=variant, layers=3, channels=[1, 16, 32], height=32, width=32, sequences=400,
+              test_sequences=50, **cfg["params"])
+    m = wl.build_model(0)
+    opt = wl.make_optimizer(m)
+    t0, step, epoch = time.perf_counter(), 0, 0
+    while step < cfg["steps"]:
+        for batch in wl.train_batches(0, epoch):
+            lr = wl.learning_rate(step, cfg["steps"])
+            if lr is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            wl.loss(m, batch).backward()
+            opt.step()
+            step += 1
+            if step == cfg["steps"]:
+                break
+        epoch += 1
+    with torch.no_grad():
+        r = wl.evaluate(m, torch.device("cpu"))
+    print(f"\n{variant}: {step} steps in {time.perf_counter() - t0:.0f} s on {platform.machine()} "
+          f"({torch.get_num_threads()} thread): " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()))
+    assert r["eval_mse"] < 0.8 * r["baseline_mse"]
+    assert r["eval_ssim"] > r["baseline_ssim"]
+
+
+@pytest.mark.gpu
+def test_cuda_routes_match_plain():
+    """On a Hopper GPU the default model takes CUDNN_ROUTES for the lotter shapes; same loss, gradients
+    within float32 rounding of the plain conv2d model (measured 7.3e-6 worst relative L2 on an H200)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dev = torch.device("cuda")
+    x = torch.rand(4, 10, 3, 128, 160, generator=torch.Generator().manual_seed(0)).to(dev)
+    out = {}
+    for routes in ("plain", "auto"):
+        m = build_prednet(variant="lotter", channels=[3, 48, 96, 192], height=128, width=160, init_seed=0)
+        m = m.to(dev).set_conv_routes(routes)
+        loss = lotter_loss(m(x, full_last_step=False), [1.0, 0.0, 0.0, 0.0])
+        loss.backward()
+        out[routes] = (loss.item(), {k: p.grad for k, p in m.named_parameters()})
+    assert out["auto"][0] == pytest.approx(out["plain"][0], rel=1e-5)
+    for k, g in out["plain"][1].items():
+        assert torch.linalg.vector_norm(out["auto"][1][k] - g) <= 1e-4 * torch.linalg.vector_norm(g) + 1e-12, k
