@@ -19,7 +19,7 @@ Record kinds (every record has ``"kind"``):
 ``weights``    ``step``, ``sha256``, optional ``path`` of a saved snapshot (.npy)
 ``artifact``   ``name``, ``path``
 ``progress``   ``step``, ``total``
-``lockstep``   ``step``, ``rows``: per-tensor digests for ``devicediff diverge``
+``lockstep``   ``step``, ``path`` of the step's tensor file (``devicediff.diverge.format``), ``total``, ``timing``
 ``done``       ``state`` (finished/failed/skipped), ``error``, ``final_sha256``,
                ``wall_time``, ``threads_used``
 =============  =================================================================

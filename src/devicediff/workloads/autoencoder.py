@@ -19,16 +19,21 @@ from devicediff.data.mnist import DataError, load_mnist
 from devicediff.spec import Batch, Workload
 
 
+FAULTS = ("none", "drop_bias")  # planted faults (per-config params) that `devicediff diverge` must catch
+
+
 class AutoEncoder(nn.Module):
-    def __init__(self, sizes: list[int]):
+    def __init__(self, sizes: list[int], fault: str = "none"):
         super().__init__()
         dims = [784, *sizes, *reversed(sizes[:-1]), 784]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.fault = fault
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.reshape(x.shape[0], 784)
         for i, layer in enumerate(self.layers):
-            h = layer(h)
+            # Planted fault for testing `devicediff diverge`: layers.1 silently drops its bias.
+            h = torch.nn.functional.linear(h, layer.weight) if self.fault == "drop_bias" and i == 1 else layer(h)
             h = torch.sigmoid(h) if i == len(self.layers) - 1 else torch.relu(h)
         return h
 
@@ -57,7 +62,11 @@ class Autoencoder(Workload):
         eval_size: int | None = None,
         eval_split: str = "valid",
         mnist_root: str | None = None,
+        fault: str = "none",
     ):
+        if fault not in FAULTS:
+            raise DataError(f"autoencoder.fault {fault!r} unknown; use one of {list(FAULTS)}")
+        self.fault = fault
         if batch_size < 1:
             raise DataError(f"autoencoder.batch_size must be >= 1, got {batch_size}")
         self.sizes, self.batch_size, self.lr = list(sizes), int(batch_size), float(lr)
@@ -71,10 +80,11 @@ class Autoencoder(Workload):
 
     def describe(self) -> dict[str, Any]:
         return {"sizes": self.sizes, "batch_size": self.batch_size, "lr": self.lr,
-                "train_size": len(self.train_x), "eval_split": self.eval_split, "eval_size": len(self.eval_x)}
+                "train_size": len(self.train_x), "eval_split": self.eval_split, "eval_size": len(self.eval_x),
+                "fault": self.fault}
 
     def build_model(self, init_seed: int) -> nn.Module:
-        model = AutoEncoder(self.sizes)
+        model = AutoEncoder(self.sizes, self.fault)
         init_linear(model, init_seed)
         return model
 

@@ -1,0 +1,302 @@
+"""Run two configs in lockstep, each in its own worker, and compare their step files.
+
+Each side is the normal job of its config (``runner.build_job``) plus
+``job["lockstep"]``; it runs in ``python -m devicediff.worker`` started by the
+local executor (``run_worker`` with ``worker_env``), so threads, device, cuDNN
+and TF32 settings hold exactly as in ``devicediff run``, and a side may use
+another Python environment (``python =`` in its config, or Chainer). The sides
+never talk to each other: each teacher-forces itself to its own float64
+reference (see ``probe.py``), so they may run at the same time (when the
+machine has cores for both) or one after the other. The parent compares step
+``s`` as soon as both files exist and then deletes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from devicediff.diverge.compare import BEYOND, IDENTICAL, ROUNDING, Row, compare_free, compare_step, first, start_gap
+from devicediff.diverge.format import read_step
+from devicediff.executors.base import Task
+from devicediff.executors.local import LocalExecutor, available_cores
+from devicediff.protocol import FINISHED
+from devicediff.study import Cell, Study, StudyError
+
+SIDES = ("A", "B")
+
+
+class DivergeError(RuntimeError):
+    """A side could not run (failed, skipped, no GPU...). One line, with the log to read."""
+
+
+def _seeds(study: Study, seed: int | None) -> tuple[int, int, int]:
+    seed = study.seeds[0] if seed is None else int(seed)
+    init_seed = seed if "init" in study.vary else study.base_seed
+    data_seed = seed if "data" in study.vary else study.base_seed
+    return seed, init_seed, data_seed
+
+
+def analysis_key(a: str, b: str, seed: int, steps: int) -> str:
+    return f"{a}|{b}|seed={seed}|steps={steps}"
+
+
+def default_workdir(store_path: str | None, study: Study, key: str) -> Path:
+    if not store_path or store_path == ":memory:":
+        return Path(tempfile.mkdtemp(prefix="devicediff_diverge_"))
+    from devicediff.runner import artifacts_root
+
+    tag = hashlib.sha256(f"{study.study_id}|{key}".encode()).hexdigest()[:12]
+    return artifacts_root(store_path) / "diverge" / tag
+
+
+def _task(study: Study, cell: Cell, side: str, workdir: Path, steps: int, repeat: str, free: bool) -> Task:
+    from devicediff.runner import build_job, python_for
+
+    run_dir = workdir / side
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # stale step files of an interrupted diverge must not be read
+    run_dir.mkdir(parents=True)
+    run_id = f"diverge-{side}-" + hashlib.sha256(f"{study.study_id}|{cell.key}|{workdir}".encode()).hexdigest()[:10]
+    job = build_job(study, cell, run_id, run_dir)
+    job["checkpoint_path"] = None
+    job["snapshots"] = False
+    job["lockstep"] = {"steps": int(steps), "dir": str(run_dir / "steps"), "repeat": repeat, "free": bool(free)}
+    cfg = cell.config
+    # Cores this side needs, so the executor runs the sides together only when they fit: its
+    # threads; a GPU side one (it is not pinned, so its float64 reference may use more); a CPU
+    # side without a thread count all of them, as torch would take in a normal run.
+    cpus = cfg.threads or (1 if cfg.is_gpu else len(available_cores()))
+    return Task(
+        run_id=run_id, job=job, cpus=cpus, gpus=1 if cfg.is_gpu else 0,
+        log_path=str(run_dir / "worker.log"), python=python_for(cell), label=f"{side}: {cfg.name}",
+    )
+
+
+def _combined(rows: list[Row], kind: str) -> dict:
+    """One number for all tensors of a kind: ‖A−B‖ and each drift over the concatenation."""
+    rs = [r for r in rows if r.kind == kind and math.isfinite(r.l2) and math.isfinite(r.magnitude)]
+    if not rs:
+        return {}
+    mag = math.sqrt(sum(r.magnitude**2 for r in rs))
+    sq = lambda f: math.sqrt(sum((f(r) * r.magnitude) ** 2 for r in rs)) / mag if mag > 0 else 0.0  # noqa: E731
+    return {
+        "rel_l2": math.sqrt(sum(r.l2**2 for r in rs)) / mag if mag > 0 else 0.0,
+        "err_a": sq(lambda r: r.err_a if math.isfinite(r.err_a) else 0.0),
+        "err_b": sq(lambda r: r.err_b if math.isfinite(r.err_b) else 0.0),
+    }
+
+
+def step_summary(step: int, rows: list[Row], free_rows: list[Row], gap: float | None, timing: dict) -> dict:
+    worst = max(rows, key=lambda r: r.ratio if not math.isnan(r.ratio) else -1.0, default=None)
+    out = {
+        "step": step,
+        "tensors": len(rows),
+        "identical": sum(r.cls == IDENTICAL for r in rows),
+        "rounding": sum(r.cls == ROUNDING for r in rows),
+        "beyond": sum(r.cls == BEYOND for r in rows),
+        "worst": f"{worst.kind} {worst.name}" if worst else None,
+        "max_ratio": worst.ratio if worst else None,
+        "start_gap": gap,
+        "weights": _combined(rows, "weight"),
+        "free_weights": _combined(free_rows, "weight"),
+        "timing": timing,
+    }
+    loss = [r for r in free_rows if r.kind == "loss"]
+    if loss:
+        out["free_loss_diff"] = loss[0].max_abs
+        out["free_loss_class"] = loss[0].cls
+    fw = [r for r in free_rows if r.kind == "weight"]
+    if fw:
+        out["free_max_ratio"] = max(r.ratio for r in fw)
+    return out
+
+
+def _describe(r: Row | None) -> dict | None:
+    if r is None:
+        return None
+    return {"step": r.step, "kind": r.kind, "name": r.name, "module": r.module, "ratio": r.ratio,
+            "rel_l2": r.rel_l2, "note": r.note}
+
+
+def summarize(rows: list[Row], free_rows: list[Row], steps: list[dict], a: str, b: str) -> dict:
+    fd = first(rows, (ROUNDING, BEYOND))
+    fb = first(rows, (BEYOND,))
+    verdict = BEYOND if fb else (ROUNDING if fd else IDENTICAL)
+    nd = {side: any((r.nd_a if side == "A" else r.nd_b) > 0 for r in rows) for side in SIDES}
+    fin = [r for r in rows if math.isfinite(r.err_a) and math.isfinite(r.err_b)]
+    worst_a = max(fin, key=lambda r: r.err_a, default=None)
+    worst_b = max(fin, key=lambda r: r.err_b, default=None)
+    s = {
+        "verdict": verdict,
+        "first_difference": _describe(fd),
+        "first_beyond": _describe(fb),
+        # keyed by side (A, B): the two configs may be the same one, run twice
+        "nondeterministic": {"A": nd["A"], "B": nd["B"]},
+        "largest_rounding": {
+            "A": {"config": a, "rel": worst_a.err_a, "step": worst_a.step, "kind": worst_a.kind,
+                  "name": worst_a.name} if worst_a else None,
+            "B": {"config": b, "rel": worst_b.err_b, "step": worst_b.step, "kind": worst_b.kind,
+                  "name": worst_b.name} if worst_b else None,
+        },
+        "max_ratio_rounding": max((r.ratio for r in rows if r.cls == ROUNDING), default=0.0),
+    }
+    if steps and steps[-1].get("free_weights"):
+        growth = [st["free_weights"].get("rel_l2") for st in steps]
+        s["free_running"] = {"weights_rel_l2": growth, "final": growth[-1]}
+    s["line"] = summary_line(s)
+    return s
+
+
+def summary_line(s: dict) -> str:
+    fd, fb = s["first_difference"], s["first_beyond"]
+    first_txt = f"step {fd['step']}, {fd['name']} {fd['kind']}" if fd else "none (bitwise identical)"
+    if fb:
+        beyond_txt = f"step {fb['step']}, {fb['kind']} of {fb['name']} (ratio {fb['ratio']:.3g}" + (
+            f", {fb['note']})" if fb["note"] else ")")
+    else:
+        beyond_txt = "never"
+    return f"first difference: {first_txt}; beyond rounding first at: {beyond_txt}; verdict: {s['verdict']}"
+
+
+def diverge(
+    study: Study,
+    a: str,
+    b: str,
+    *,
+    steps: int = 5,
+    seed: int | None = None,
+    threshold: float = 100.0,
+    store=None,
+    store_path: str | None = None,
+    workdir: str | os.PathLike | None = None,
+    repeat: str = "auto",
+    free: bool = True,
+    keep_files: bool = False,
+    on_step: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """Step configs ``a`` and ``b`` of ``study`` in lockstep for ``steps`` steps and
+    classify every difference; return the payload (also stored with
+    ``store.put_analysis(study_id, "diverge", key, payload)`` when ``store`` is given).
+
+    ``on_step(side, step, total)`` is called as each side's step file arrives.
+    Raises ``StudyError`` for an unknown config and ``DivergeError`` when a side
+    fails or is skipped.
+    """
+    if steps < 1:
+        raise StudyError(f"diverge: --steps must be >= 1, got {steps}")
+    if threshold <= 1:
+        raise StudyError(f"diverge: --threshold must be > 1 (a ratio), got {threshold}")
+    cfgs = {"A": study.config(a), "B": study.config(b)}
+    seed, init_seed, data_seed = _seeds(study, seed)
+    key = analysis_key(a, b, seed, steps)
+    scratch = not workdir and (not store_path or store_path == ":memory:")  # a temporary folder of ours
+    workdir = Path(workdir) if workdir else default_workdir(store_path, study, key)
+    tasks = {side: _task(study, Cell(cfgs[side], seed, init_seed, data_seed), side, workdir, steps, repeat, free)
+             for side in SIDES}
+    side_of = {t.run_id: s for s, t in tasks.items()}
+
+    arrived: dict[str, dict[int, str]] = {s: {} for s in SIDES}
+    timing: dict[str, dict[int, dict]] = {s: {} for s in SIDES}
+    done: dict[str, dict] = {}
+    effective: dict[str, dict] = {}
+    env: dict[str, dict] = {}
+    rows: list[Row] = []
+    free_rows: list[Row] = []
+    per_step: list[dict] = []
+    prev = {"A": None, "B": None}
+    compare_time = 0.0
+    nxt = 1
+    t0 = time.perf_counter()
+
+    def keep_for_gap(arrs: dict) -> dict:
+        return {k: v for k, v in arrs.items() if k.startswith("ref64/weight/") or k.startswith("weight/")}
+
+    # Two at a time when the cores allow, never pinned: a side's thread count comes from its
+    # config through worker_env, exactly as in `devicediff run` (which pins only with --jobs > 1).
+    executor = LocalExecutor(jobs=2, pin_cores=False)
+    try:
+        for task, rec in executor.execute(list(tasks.values())):
+            side = side_of[task.run_id]
+            kind = rec.get("kind")
+            if kind == "effective":
+                effective[side] = rec.get("settings", {})
+            elif kind == "env":
+                fp = rec.get("fingerprint", {})
+                env[side] = {k: fp.get(k) for k in ("cpu_model", "cpu_count", "gpus", "cuda_runtime", "cudnn", "libraries") if k in fp}
+            elif kind == "lockstep":
+                arrived[side][int(rec["step"])] = rec["path"]
+                timing[side][int(rec["step"])] = rec.get("timing", {})
+                if on_step:
+                    on_step(side, int(rec["step"]), steps)
+            elif kind == "done":
+                done[side] = rec
+            while nxt in arrived["A"] and nxt in arrived["B"]:
+                tc = time.perf_counter()
+                fa, fb = read_step(arrived["A"][nxt]), read_step(arrived["B"][nxt])
+                step_rows = compare_step(fa, fb, nxt, threshold)
+                step_free = compare_free(fa, fb, nxt, threshold) if free else []
+                gap = start_gap(prev["A"], prev["B"])
+                prev = {"A": keep_for_gap(fa), "B": keep_for_gap(fb)}
+                rows += step_rows
+                free_rows += step_free
+                if not keep_files:
+                    for s in SIDES:
+                        Path(arrived[s][nxt]).unlink(missing_ok=True)
+                dt = time.perf_counter() - tc
+                compare_time += dt
+                per_step.append(step_summary(nxt, step_rows, step_free, gap,
+                                             {"A": timing["A"].get(nxt, {}), "B": timing["B"].get(nxt, {}),
+                                              "compare": round(dt, 6)}))
+                nxt += 1
+    finally:
+        executor.close()
+    wall = time.perf_counter() - t0
+
+    for side in SIDES:
+        rec = done.get(side, {})
+        if rec.get("state") != FINISHED:
+            cfg = cfgs[side]
+            what = "was skipped" if rec.get("state") == "skipped" else "failed"
+            raise DivergeError(f"side {side} ({cfg.name}) {what}: {rec.get('error') or 'no result'} "
+                               f"(log: {tasks[side].log_path})")
+    if nxt <= steps:
+        raise DivergeError(f"the sides wrote steps up to {nxt - 1} of {steps}; see {workdir}/*/worker.log")
+
+    if scratch and not keep_files:
+        shutil.rmtree(workdir, ignore_errors=True)  # kept above when a side failed: its log is the evidence
+    summary = summarize(rows, free_rows, per_step, a, b)
+    payload = {
+        "study": study.name,
+        "study_id": study.study_id,
+        "workload": study.workload,
+        "a": a,
+        "b": b,
+        "configs": {a: cfgs["A"].to_dict(), b: cfgs["B"].to_dict()} if a != b else {a: cfgs["A"].to_dict()},
+        "seed": seed,
+        "init_seed": init_seed,
+        "data_seed": data_seed,
+        "steps": steps,
+        "threshold": threshold,
+        "repeat": repeat,
+        "rule": "ratio = |A-B| / (|A-R_A| + |B-R_B| + |A-A'| + |B-B'| + floor); beyond rounding if ratio > threshold",
+        "rows": [r.to_dict() for r in rows],
+        "free": [r.to_dict() for r in free_rows],
+        "per_step": per_step,
+        "summary": summary,
+        "effective": {"A": effective.get("A"), "B": effective.get("B")},
+        "env": env,
+        "wall_time": wall,
+        "compare_time": compare_time,
+        "workdir": str(workdir),
+    }
+    if store is not None:
+        store.put_study(study.study_id, study.name, study.to_dict())
+        store.put_analysis(study.study_id, "diverge", key, payload)
+    return payload

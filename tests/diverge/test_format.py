@@ -1,0 +1,81 @@
+"""The lockstep step file (devicediff.diverge.format): what every side writes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from devicediff.diverge import format as fmt
+
+
+def test_roundtrip_keeps_order_dtype_and_shape(tmp_path):
+    arrays = {
+        "fwd/layers.1": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "fwd/layers.0": np.ones(3, np.float32),
+        "fwd/layers.0@20:1": np.zeros((1, 2), np.float32),
+        "loss/loss": np.float32(0.25),
+        "grad/layers.0.weight": np.full((2, 2), -1.5, np.float32),
+        "ref64/loss/loss": np.float64(0.25),
+        "meta/step": np.int64(3),
+        "free/weight/a.b": np.array([True, False]),
+    }
+    path = fmt.write_step(tmp_path / "d", 3, arrays)
+    assert path == tmp_path / "d" / "step00003.npz"
+    back = fmt.read_step(path)
+    assert list(back) == list(arrays)  # the computation order survives
+    assert fmt.step_keys(path) == list(arrays)
+    for k, v in arrays.items():
+        assert back[k].dtype == np.asarray(v).dtype and back[k].shape == np.asarray(v).shape
+        np.testing.assert_array_equal(back[k], v)
+    assert not list((tmp_path / "d").glob(".*tmp*")), "the temporary file must be renamed away"
+
+
+def test_split_key_inverts_key():
+    for prefix in (None, "ref64", "rep", "free"):
+        for kind, name in (("fwd", "<model>"), ("grad", "layers.0.lstm.weight"), ("fwd", "x@3:1"), ("loss", "loss")):
+            assert fmt.split_key(fmt.key(kind, name, prefix)) == (prefix, kind, name)
+    assert fmt.split_key("meta/step") == ("meta", "step", "")
+
+
+def test_iter_kind_selects_by_prefix():
+    arrays = {"fwd/a": np.ones(1), "ref64/fwd/a": np.ones(1), "meta/step": np.int64(1), "free/weight/w": np.ones(1)}
+    assert [(k, n) for k, n, _ in fmt.iter_kind(arrays)] == [("fwd", "a")]
+    assert [(k, n) for k, n, _ in fmt.iter_kind(arrays, "ref64")] == [("fwd", "a")]
+    assert [(k, n) for k, n, _ in fmt.iter_kind(arrays, "free")] == [("weight", "w")]
+
+
+def test_bad_keys_and_dtypes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="kind/name"):
+        fmt.write_step(tmp_path, 1, {"nokind": np.ones(1)})
+    with pytest.raises(TypeError, match="numeric"):
+        fmt.write_step(tmp_path, 1, {"fwd/x": np.array(["a"])})
+
+
+def test_format_imports_with_numpy_and_stdlib_only():
+    # An old framework's environment (Chainer 7.8, numpy<2, no torch) must be able to import it.
+    code = ("import sys, devicediff.diverge.format; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', 'rich', 'scipy', 'matplotlib')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_compressed_files_are_read_too(tmp_path):
+    # Another framework's worker might write np.savez_compressed: read_step falls back to np.load.
+    arrays = {"fwd/a": np.arange(10, dtype=np.float32), "ref64/fwd/a": np.arange(10, dtype=np.float64)}
+    path = fmt.step_path(tmp_path, 1)
+    np.savez_compressed(path, **arrays)
+    back = fmt.read_step(path)
+    assert list(back) == list(arrays)
+    np.testing.assert_array_equal(back["ref64/fwd/a"], arrays["ref64/fwd/a"])
+
+
+def test_mapped_arrays_outlive_the_file(tmp_path):
+    path = fmt.write_step(tmp_path, 1, {"grad/w": np.linspace(0, 1, 1000).reshape(10, 100)})
+    back = fmt.read_step(path)
+    path.unlink()  # the parent deletes each file once compared
+    assert back["grad/w"].shape == (10, 100) and back["grad/w"][9, 99] == 1.0
+    assert not back["grad/w"].flags.writeable
