@@ -181,6 +181,7 @@ class LocalExecutor(Executor):
         self.pin_cores = (self.jobs > 1) if pin_cores is None else pin_cores
         self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        self._closing = False
 
     # -- resources -----------------------------------------------------------------------
     def _pick_gpu(self, task: Task, gpus: list[str], slots: dict[str, int]) -> tuple[bool, str | None]:
@@ -226,6 +227,9 @@ class LocalExecutor(Executor):
             def register(proc: subprocess.Popen) -> None:
                 with self._lock:
                     self._procs[task.run_id] = proc
+                    closing = self._closing
+                if closing:  # started just as the executor was stopped
+                    kill_worker(proc)
 
             def body() -> None:
                 try:
@@ -243,6 +247,7 @@ class LocalExecutor(Executor):
 
         running = 0
         finished: set[str] = set()
+        self._closing = False
         try:
             while pending or running:
                 i = 0
@@ -280,6 +285,7 @@ class LocalExecutor(Executor):
 
     def kill_all(self) -> None:
         with self._lock:
+            self._closing = True
             procs = list(self._procs.values())
         for proc in procs:
             kill_worker(proc)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,9 @@ def prepare(job: dict, writer: RecordWriter) -> Ctx:
     cfg = job["config"]
     settings = apply_settings(cfg)
     writer.emit("env", fingerprint=fingerprint())
-    writer.emit("effective", settings=settings)
     workload = load_workload(job)
+    settings["workload"] = dict(workload.describe())  # resolved parameters, stored with the run
+    writer.emit("effective", settings=settings)
     device = torch.device(cfg.get("device", "cpu"))
 
     # Initial weights: built on CPU from the init seed alone, hashed, then moved.
@@ -177,27 +179,80 @@ def train_step(ctx: Ctx, batch: Batch, step: int, use_lr: bool) -> torch.Tensor:
 # -- checkpoints ---------------------------------------------------------------------------
 
 
+def _orphaned() -> bool:
+    """True when the process that started this worker is gone (the runner was killed):
+    such a worker must not leave files behind for the next runner to pick up."""
+    parent = os.environ.get("DEVICEDIFF_PARENT_PID")
+    return bool(parent) and os.getppid() != int(parent)
+
+
 def save_checkpoint(ctx: Ctx, step: int) -> None:
+    """Model, optimizer and RNG states after ``step`` steps, written atomically.
+
+    Only tensors and plain containers, so ``load_checkpoint`` can read it with
+    ``weights_only=True``. The temporary file is private to this process, so
+    two writers can never interleave; a kill leaves the old checkpoint or the
+    new one, never half of one.
+    """
     path = ctx.job.get("checkpoint_path")
     if not path:
         return
-    tmp = f"{path}.tmp"
-    torch.save(
-        {"step": step, "model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict()},
-        tmp,
-    )
-    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one
+    if _orphaned():
+        raise SystemExit("devicediff worker: the runner is gone; exiting without writing a checkpoint")
+    state = {
+        "step": int(step),
+        "total_steps": int(ctx.total_steps),
+        "model": ctx.model.state_dict(),
+        "optimizer": ctx.optimizer.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+    }
+    if ctx.device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(ctx.device)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(ctx: Ctx) -> int:
+    """Restore the last checkpoint of this run, if any; return the step to go on from.
+
+    A checkpoint that cannot be read (e.g. written by another torch) is set
+    aside and the run starts from step 0, from the same initial weights.
+    """
     path = ctx.job.get("checkpoint_path")
-    if not path or not os.path.exists(path):
+    if not path:
         return 0
-    state = torch.load(path, map_location=ctx.device, weights_only=True)
+    folder, base = os.path.split(path)
+    for name in os.listdir(folder or "."):  # temporaries of killed writers
+        if name.startswith(base + ".tmp"):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+    if not os.path.exists(path):
+        return 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        step = int(state["step"])
+        if not 0 < step < ctx.total_steps or {"model", "optimizer"} - set(state):
+            raise ValueError(f"step {step} of {ctx.total_steps}")
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: start over
+        os.replace(path, path + ".unreadable")
+        print(f"devicediff: checkpoint {path} unreadable ({type(e).__name__}: {e}); starting from step 0",
+              file=sys.stderr, flush=True)
+        return 0
     ctx.model.load_state_dict(state["model"])
     ctx.optimizer.load_state_dict(state["optimizer"])
+    if "rng_cpu" in state:
+        torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], ctx.device)
     ctx.workload.reset_state()
-    return int(state["step"])
+    return step
 
 
 def _checkpoint_due(ctx: Ctx, step: int) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +66,20 @@ class SQLiteStore(Store):
                         raise StoreError(f"store {self.path}: not an SQLite file (corrupt or foreign); move it away or choose another --store")
             if not p.parent.exists():
                 raise StoreError(f"store {self.path}: folder {p.parent} does not exist")
+        self._db = None
         try:
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
             self._check_and_init()
-        except sqlite3.OperationalError as e:
+        except (sqlite3.Error, StoreError) as e:
+            if self._db is not None:
+                self._db.close()
+            if isinstance(e, StoreError):
+                raise
             msg = str(e)
             if "locked" in msg or "busy" in msg:
                 raise StoreError(f"store {self.path}: locked by another process; wait for it to finish or use another --store") from None
-            raise StoreError(f"store {self.path}: cannot open ({msg})") from None
-        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError):
+                raise StoreError(f"store {self.path}: cannot open ({msg})") from None
             raise StoreError(f"store {self.path}: unreadable SQLite file ({e}); move it away or choose another --store") from None
 
     # -- schema --------------------------------------------------------------------------
@@ -106,18 +112,39 @@ class SQLiteStore(Store):
                 db.execute(f"PRAGMA application_id={APP_ID}")
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
+    def _error(self, e: sqlite3.Error) -> StoreError:
+        msg = str(e)
+        if "locked" in msg or "busy" in msg:
+            return StoreError(f"store {self.path}: locked by another process; wait for it to finish or use another --store")
+        if isinstance(e, sqlite3.OperationalError):
+            return StoreError(f"store {self.path}: cannot write ({msg})")
+        return StoreError(f"store {self.path}: unreadable SQLite file ({msg}); move it away or choose another --store")
+
+    @contextmanager
     def _tx(self):
-        store = self
-
-        class _Tx:
-            def __enter__(self_inner):
-                store._db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self_inner, exc_type, exc, tb):
-                store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-                return False
-
-        return _Tx()
+        """One write transaction; a lock held elsewhere or a failed write is a one-line ``StoreError``."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise self._error(e) from None
+        try:
+            yield
+        except BaseException as exc:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(exc, sqlite3.OperationalError):
+                raise self._error(exc) from None
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise self._error(e) from None
 
     # -- studies ---------------------------------------------------------------------------
     def put_study(self, study_id: str, name: str, definition: dict) -> None:

@@ -1,0 +1,182 @@
+"""``devicediff merge``: stores from several machines into one."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import devicediff
+from devicediff.merge import merge_stores
+from devicediff.store import RunInfo, SQLiteStore, StoreError
+
+DEF = {"workload": "autoencoder", "workload_params": {"train_size": 100}, "configs": [{"name": "cpu"}, {"name": "gpu"}],
+       "reference": "cpu", "vary": ["init", "data"], "base_seed": 0, "budget": {"epochs": 1}, "seeds": [0, 1],
+       "name": "s", "description": ""}
+
+
+def make_store(path: Path, machine: str, runs: list[tuple[str, str, str, int]], *, study_id: str = "st1",
+               name: str = "s", definition: dict | None = None, with_files: bool = True) -> None:
+    """``runs``: (run_id, config, state, n_metric_steps). Files go in ``<stem>_artifacts/<run_id>/``."""
+    root = path.with_name(path.stem + "_artifacts")
+    with SQLiteStore(path) as s:
+        s.put_study(study_id, name, definition or DEF)
+        for rid, config, state, steps in runs:
+            run_dir = root / rid
+            s.begin_run(RunInfo(rid, study_id, f"{config}|seed=0|rep=0|{machine}", config, 0, 0, 0, 0, "autoencoder",
+                                {"name": config}, machine), log_path=str(run_dir / "worker.log"))
+            s.record(rid, {"kind": "env", "fingerprint": {"machine_id": machine, "cpu_model": f"cpu of {machine}"}})
+            s.record(rid, {"kind": "effective", "settings": {"threads": 1}})
+            s.record(rid, {"kind": "metrics", "rows": [[k, "train_loss", 1.0 / (k + 1)] for k in range(steps)]})
+            if with_files:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "worker.log").write_text(f"log of {rid} on {machine}\n")
+                np.save(run_dir / "weights_step0000000.npy", np.arange(4.0))
+                (run_dir / "checkpoint.pt").write_bytes(b"not copied")
+            s.record(rid, {"kind": "weights", "step": 0, "sha256": f"w-{rid}", "path": str(run_dir / "weights_step0000000.npy")})
+            s.record(rid, {"kind": "artifact", "name": "log", "path": str(run_dir / "worker.log")})
+            if state != "running":
+                s.record(rid, {"kind": "done", "state": state, "final_sha256": f"f-{rid}-{machine}" if state == "finished" else None,
+                               "error": None if state == "finished" else "boom"})
+        s.put_analysis(study_id, "diverge", f"cpu|gpu|{machine}", {"step": 3})
+
+
+def tables(path: Path) -> dict[str, list[tuple]]:
+    con = sqlite3.connect(path)
+    try:
+        out = {}
+        for t, order in (("studies", "study_id"), ("runs", "run_id"), ("metrics", "run_id, step, name"),
+                         ("weights", "run_id, step"), ("artifacts", "run_id, name"), ("analyses", "study_id, kind, key")):
+            out[t] = con.execute(f"SELECT * FROM {t} ORDER BY {order}").fetchall()
+        return out
+    finally:
+        con.close()
+
+
+def run_row(path: Path, rid: str) -> dict:
+    con = sqlite3.connect(path)
+    con.row_factory = sqlite3.Row
+    try:
+        return dict(con.execute("SELECT * FROM runs WHERE run_id=?", (rid,)).fetchone())
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def two_machines(tmp_path):
+    a, b = tmp_path / "a" / "A.db", tmp_path / "b" / "B.db"
+    a.parent.mkdir()
+    b.parent.mkdir()
+    make_store(a, "m1", [("a1", "cpu", "finished", 5), ("a2", "gpu", "failed", 2)])
+    make_store(b, "m2", [("b1", "cpu", "finished", 5), ("b2", "gpu", "finished", 5)])
+    return a, b, tmp_path / "ALL.db"
+
+
+def test_merge_keeps_every_run_with_its_rows_and_files(two_machines):
+    a, b, out = two_machines
+    assert merge_stores([str(a), str(b)], str(out)) == 4
+    got = tables(out)
+    ta, tb = tables(a), tables(b)
+    assert len(got["runs"]) == 4 and {r[10] for r in got["runs"]} == {"m1", "m2"}  # machine column
+    assert len(got["metrics"]) == len(ta["metrics"]) + len(tb["metrics"])
+    assert set(got["metrics"]) == set(ta["metrics"]) | set(tb["metrics"])
+    assert len(got["weights"]) == 4 and len(got["artifacts"]) == 4 and len(got["analyses"]) == 2
+    for rid, src in (("a1", a), ("a2", a), ("b1", b), ("b2", b)):
+        mine, theirs = run_row(out, rid), run_row(src, rid)
+        for col in theirs:
+            if col != "log_path":
+                assert mine[col] == theirs[col], (rid, col)  # fingerprint, state, hashes, times...
+    # files were brought beside ALL.db and the stored paths point there
+    root = out.with_name("ALL_artifacts")
+    for _, rid, _, _, path in [(None, *w) for w in got["weights"]]:
+        assert Path(path) == root / rid / "weights_step0000000.npy" and Path(path).is_file()
+    assert Path(run_row(out, "b1")["log_path"]).read_text() == "log of b1 on m2\n"
+    assert not list(root.glob("*/checkpoint.pt"))
+    with SQLiteStore(out, create=False) as s:
+        assert s.integrity_check() == "ok" and len(s.runs()) == 4
+
+
+def test_merging_again_adds_nothing(two_machines):
+    a, b, out = two_machines
+    merge_stores([str(a), str(b)], str(out))
+    first = tables(out)
+    assert merge_stores([str(a), str(b)], str(out)) == 0
+    assert merge_stores([str(a), str(a), str(out)], str(out)) == 0
+    assert tables(out) == first
+
+
+def test_merge_into_one_of_the_inputs(two_machines):
+    a, b, _ = two_machines
+    assert merge_stores([str(a), str(b)], str(a)) == 2
+    assert len(tables(a)["runs"]) == 4
+    assert merge_stores([str(b)], str(a)) == 0
+
+
+def test_a_run_that_got_further_replaces_the_other_whole(tmp_path):
+    x, y, out = tmp_path / "x.db", tmp_path / "y.db", tmp_path / "o.db"
+    make_store(x, "m1", [("r", "cpu", "running", 9)])  # killed at step 9: partial metrics
+    make_store(y, "m1", [("r", "cpu", "finished", 5)])
+    assert merge_stores([str(x)], str(out)) == 1
+    assert merge_stores([str(y)], str(out)) == 1
+    assert run_row(out, "r")["state"] == "finished"
+    assert len(tables(out)["metrics"]) == 5  # not 9: never a mix of two attempts
+    assert merge_stores([str(x)], str(out)) == 0  # a running copy never replaces a finished one
+    assert run_row(out, "r")["state"] == "finished"
+
+
+def test_different_definitions_under_one_name_are_refused_and_nothing_is_written(tmp_path):
+    a, b, out = tmp_path / "A.db", tmp_path / "B.db", tmp_path / "ALL.db"
+    make_store(a, "m1", [("a1", "cpu", "finished", 3)])
+    other = {**DEF, "budget": {"epochs": 2}}
+    make_store(b, "m2", [("b1", "cpu", "finished", 3)], study_id="st2", definition=other)
+    with pytest.raises(StoreError) as e:
+        merge_stores([str(a), str(b)], str(out))
+    msg = str(e.value)
+    assert "study 's'" in msg and "budget.epochs" in msg and "nothing merged" in msg and "\n" not in msg
+    assert not out.exists() and not out.with_name("ALL_artifacts").exists()
+    # an existing --out is left byte for byte as it was
+    merge_stores([str(a)], str(out))
+    before = out.read_bytes()
+    with pytest.raises(StoreError):
+        merge_stores([str(b)], str(out))
+    assert out.read_bytes() == before
+
+
+def test_a_store_that_already_holds_both_definitions_merges(tmp_path):
+    a, out = tmp_path / "A.db", tmp_path / "ALL.db"
+    make_store(a, "m1", [("a1", "cpu", "finished", 3)])
+    with SQLiteStore(a) as s:
+        s.put_study("st2", "s", {**DEF, "budget": {"epochs": 2}})  # the study was edited and rerun here
+    assert merge_stores([str(a)], str(out)) == 1
+    assert len(tables(out)["studies"]) == 2
+
+
+def test_seed_lists_are_joined(tmp_path):
+    a, b, out = tmp_path / "A.db", tmp_path / "B.db", tmp_path / "ALL.db"
+    make_store(a, "m1", [("a1", "cpu", "finished", 3)], definition={**DEF, "seeds": [0, 1]})
+    make_store(b, "m2", [("b1", "cpu", "finished", 3)], definition={**DEF, "seeds": [2, 3]})
+    merge_stores([str(a), str(b)], str(out))
+    with SQLiteStore(out, create=False) as s:
+        (d,) = s.studies()["definition"]
+    assert d["seeds"] == [0, 1, 2, 3]
+
+
+def test_paths_are_kept_when_the_artifact_folder_did_not_travel(tmp_path):
+    a, out = tmp_path / "A.db", tmp_path / "ALL.db"
+    make_store(a, "m1", [("a1", "cpu", "finished", 3)], with_files=False)
+    merge_stores([str(a)], str(out))
+    (w,) = tables(out)["weights"]
+    assert w[3] == str(tmp_path / "A_artifacts" / "a1" / "weights_step0000000.npy")
+
+
+def test_cli_merge(two_machines):
+    a, b, out = two_machines
+    r = devicediff("merge", str(a), str(b), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"merged into {out}: 4 new run(s)"
+    r = devicediff("merge", str(a), str(b), "--out", str(out))
+    assert r.stdout.strip() == f"merged into {out}: 0 new run(s)"
+    r = devicediff("merge", str(a), str(out.with_name("missing.db")), "--out", str(out))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
