@@ -42,6 +42,9 @@ def config_table(study: Study, runs: pd.DataFrame, pr: pd.DataFrame) -> Table:
         runs_txt = f"{counts.get('finished', 0)}" + "".join(
             f" +{counts[s]} {s}" for s in ("failed", "skipped", "running") if counts.get(s)
         )
+        machines = g["machine"].nunique() if len(g) else 0
+        if machines > 1:
+            runs_txt += f" on {machines} machines"
         row = [cfg.name + (" (ref)" if cfg.name == study.reference else ""), runs_txt]
         fg = fin[fin["config"] == cfg.name] if len(fin) else fin
         for m in metrics:

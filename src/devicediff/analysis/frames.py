@@ -52,12 +52,18 @@ def bitwise_table(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Per config: were runs repeatable (same config+seed → same final bits), and
     did they match the reference's final bits for the same seed?"""
     fin = runs[runs["state"] == "finished"]
-    ref = fin[(fin["config"] == reference) & (fin["repeat"] == 0)].set_index("seed")["final_sha256"]
+    refs = fin[(fin["config"] == reference) & (fin["repeat"] == 0)]
+    # The reference run of the same seed, on the same machine where it ran there (merged stores).
+    ref_on = {(s, m): h for s, m, h in zip(refs["seed"], refs["machine"], refs["final_sha256"])}
+    ref_any = refs.groupby("seed")["final_sha256"].agg(set).to_dict()
     rows = []
     for cfg, g in fin.groupby("config", sort=False):
         first = g[g["repeat"] == 0]
         same_init = first["init_sha256"].nunique() if "init_sha256" in first else 0
-        match = [ref.get(s) == h for s, h in zip(first["seed"], first["final_sha256"]) if s in ref.index]
+        match = [
+            ref_on[(s, m)] == h if (s, m) in ref_on else h in ref_any[s]
+            for s, m, h in zip(first["seed"], first["machine"], first["final_sha256"]) if s in ref_any
+        ]
         reps = g.groupby("seed")["final_sha256"].nunique()
         has_rep = g.groupby("seed")["repeat"].nunique() > 1
         rows.append({

@@ -174,3 +174,25 @@ def iter_kind(arrays: Mapping[str, np.ndarray], prefix: str | None = None) -> It
         p, kind, name = split_key(k)
         if p == prefix and kind in KINDS:
             yield kind, name, v
+
+
+def name_outputs(first: Mapping[str, list], last: Mapping[str, list], calls: Mapping[str, int]) -> dict:
+    """Name a step's recorded forward outputs, the same way in every framework.
+
+    A module called once gives ``name``; one called K times (a recurrent layer
+    over a window) gives its first call as ``name`` and its last as ``name@K``;
+    a module with several outputs gives ``name:I`` for each. ``first``/``last``
+    map a module name to the list of its output arrays at its first/last call.
+    """
+    out: dict = {}
+    for name, snap in first.items():
+        k = calls[name]
+        for which, arrays in ((name, snap), (f"{name}@{k}", last.get(name))):
+            if arrays is None:
+                continue
+            if len(arrays) == 1:
+                out[which] = arrays[0]
+            else:
+                for i, a in enumerate(arrays):
+                    out[f"{which}:{i}"] = a
+    return out

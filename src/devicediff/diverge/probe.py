@@ -132,18 +132,9 @@ class Recorder:
 
     def forward_outputs(self) -> dict[str, torch.Tensor]:
         """``{name: tensor}`` in first-call order with the ``@K`` / ``:I`` suffixes."""
-        out: dict[str, torch.Tensor] = {}
-        for name, snap in self.first.items():
-            k = self.calls[name]
-            for which, tensors in ((name, snap), (f"{name}@{k}", self.last.get(name))):
-                if tensors is None:
-                    continue
-                if len(tensors) == 1:
-                    out[which] = tensors[0]
-                else:
-                    for i, t in enumerate(tensors):
-                        out[f"{which}:{i}"] = t
-        return out
+        from devicediff.diverge.format import name_outputs
+
+        return name_outputs(self.first, self.last, self.calls)
 
     def remove(self) -> None:
         for h in self._handles:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from devicediff.fingerprint import blas_facts, fingerprint
-from devicediff.frameworks import init_export
+from devicediff.frameworks import init_export, schedule
 from devicediff.frameworks.threads import ThreadSampler
 from devicediff.protocol import FINISHED, RecordWriter, Skip
 
@@ -204,23 +204,10 @@ def prepare(job: dict, writer: RecordWriter) -> Ctx:
 
     spe = workload.steps_per_epoch()
     budget = job["budget"]
-    total = int(budget["steps"]) if budget.get("steps") else int(budget["epochs"]) * spe
+    total = schedule.total_steps(budget, spe)
     return Ctx(job, writer, workload, model, optimizer, device, FrameFeeder(frame_buffers, device.xp), total, spe, outdir)
 
 
-def _batches_from(ctx: Ctx, step: int):
-    """Yield (global_step, batch) from ``step`` on, across epochs, until the budget."""
-    epoch = step // ctx.steps_per_epoch
-    skip = step % ctx.steps_per_epoch
-    while step < ctx.total_steps:
-        for i, b in enumerate(ctx.workload.train_batches(int(ctx.job["data_seed"]), epoch)):
-            if i < skip:
-                continue
-            if step >= ctx.total_steps:
-                return
-            yield step, b
-            step += 1
-        epoch, skip = epoch + 1, 0
 
 
 def train_step(ctx: Ctx, batch, step: int):
@@ -239,10 +226,6 @@ def train_step(ctx: Ctx, batch, step: int):
 # -- checkpoints ------------------------------------------------------------------------------------
 
 
-def _orphaned() -> bool:
-    """True when the runner that started this worker is gone (as ``torch_loop._orphaned``)."""
-    parent = os.environ.get("DEVICEDIFF_PARENT_PID")
-    return bool(parent) and os.getppid() != int(parent)
 
 
 def save_checkpoint(ctx: Ctx, step: int) -> None:
@@ -253,7 +236,7 @@ def save_checkpoint(ctx: Ctx, step: int) -> None:
     path = ctx.job.get("checkpoint_path")
     if not path:
         return
-    if _orphaned():
+    if schedule.orphaned():
         raise SystemExit("devicediff worker: the runner is gone; exiting without writing a checkpoint")
     s = chainer.serializers.DictionarySerializer()
     s["model"].save(ctx.model)
@@ -311,11 +294,6 @@ def load_checkpoint(ctx: Ctx) -> int:
     return step
 
 
-def _checkpoint_due(ctx: Ctx, step: int) -> bool:
-    every = ctx.job["budget"].get("checkpoint_every")
-    if every:
-        return step % every == 0
-    return ctx.total_steps > ctx.steps_per_epoch and step % ctx.steps_per_epoch == 0
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
@@ -336,11 +314,6 @@ def evaluate(ctx: Ctx, step: int) -> None:
     ctx.writer.emit("weights", step=step, sha256=state_sha256(ctx.model), path=str(snap) if snap else None)
 
 
-def _eval_due(ctx: Ctx, step: int) -> bool:
-    every = ctx.job["budget"].get("eval_every_steps")
-    if every:
-        return step % every == 0 or step == ctx.total_steps
-    return step % ctx.steps_per_epoch == 0 or step == ctx.total_steps
 
 
 def _sync(ctx: Ctx) -> None:
@@ -368,7 +341,7 @@ def run(job: dict, writer: RecordWriter) -> None:
     _sync(ctx)
     t_train = time.perf_counter()
     side = 0.0  # seconds spent in evaluation and checkpoints, not training steps
-    for step, batch in _batches_from(ctx, start):
+    for step, batch in schedule.batches_from(ctx, start):
         loss = train_step(ctx, batch, step)
         done = step + 1
         if done % every == 0 or done == ctx.total_steps:
@@ -377,12 +350,12 @@ def run(job: dict, writer: RecordWriter) -> None:
             writer.emit("progress", step=done, total=ctx.total_steps)
             if not math.isfinite(value):
                 raise FloatingPointError(f"diverged: train_loss is {value} at step {done}")
-        if _eval_due(ctx, done) or (_checkpoint_due(ctx, done) and done < ctx.total_steps):
+        if schedule.eval_due(ctx, done) or schedule.checkpoint_due(ctx, done):
             _sync(ctx)
             t_side = time.perf_counter()
-            if _eval_due(ctx, done):
+            if schedule.eval_due(ctx, done):
                 evaluate(ctx, done)
-            if _checkpoint_due(ctx, done) and done < ctx.total_steps:
+            if schedule.checkpoint_due(ctx, done):
                 save_checkpoint(ctx, done)
             _sync(ctx)
             side += time.perf_counter() - t_side
@@ -463,18 +436,9 @@ def _make_recorders(model):
             (self.first if k == 1 else self.last)[name] = snap
 
         def outputs(self) -> dict:
-            out = {}
-            for name, snap in self.first.items():
-                k = self.calls[name]
-                for which, arrays in ((name, snap), (f"{name}@{k}", self.last.get(name))):
-                    if arrays is None:
-                        continue
-                    if len(arrays) == 1:
-                        out[which] = arrays[0]
-                    else:
-                        for i, a in enumerate(arrays):
-                            out[f"{which}:{i}"] = a
-            return out
+            from devicediff.diverge.format import name_outputs
+
+            return name_outputs(self.first, self.last, self.calls)
 
     class GradOrder(chainer.FunctionHook):
         """Order in which backward finished each parameter: the last backward step that

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from devicediff.fingerprint import blas_facts, fingerprint
+from devicediff.frameworks import schedule
 from devicediff.frameworks.threads import ThreadSampler
 from devicediff.protocol import FINISHED, RecordWriter, Skip
-from devicediff.spec import Batch, Workload, iter_batches, move_to
+from devicediff.spec import Batch, Workload, move_to
 
 
 def apply_settings(cfg: dict) -> dict:
@@ -141,25 +142,12 @@ def prepare(job: dict, writer: RecordWriter) -> Ctx:
 
     spe = workload.steps_per_epoch()
     budget = job["budget"]
-    total = int(budget["steps"]) if budget.get("steps") else int(budget["epochs"]) * spe
+    total = schedule.total_steps(budget, spe)
     outdir = Path(job.get("artifact_dir") or ".")
     outdir.mkdir(parents=True, exist_ok=True)
     return Ctx(job, writer, workload, model, forward_model, optimizer, device, total, spe, outdir)
 
 
-def _batches_from(ctx: Ctx, step: int):
-    """Yield (global_step, batch) from ``step`` on, across epochs, until the budget."""
-    epoch = step // ctx.steps_per_epoch
-    skip = step % ctx.steps_per_epoch
-    while step < ctx.total_steps:
-        for i, b in enumerate(iter_batches(ctx.workload.train_batches(int(ctx.job["data_seed"]), epoch))):
-            if i < skip:
-                continue
-            if step >= ctx.total_steps:
-                return
-            yield step, b
-            step += 1
-        epoch, skip = epoch + 1, 0
 
 
 def train_step(ctx: Ctx, batch: Batch, step: int, use_lr: bool) -> torch.Tensor:
@@ -168,6 +156,8 @@ def train_step(ctx: Ctx, batch: Batch, step: int, use_lr: bool) -> torch.Tensor:
         if lr is not None:
             for g in ctx.optimizer.param_groups:
                 g["lr"] = lr
+    if not isinstance(batch, Batch):  # a workload may yield plain tensors
+        batch = Batch(batch)
     batch = Batch(move_to(batch.data, ctx.device), batch.new_sequence)
     ctx.optimizer.zero_grad(set_to_none=True)
     loss = ctx.workload.loss(ctx.forward_model, batch)
@@ -179,11 +169,6 @@ def train_step(ctx: Ctx, batch: Batch, step: int, use_lr: bool) -> torch.Tensor:
 # -- checkpoints ---------------------------------------------------------------------------
 
 
-def _orphaned() -> bool:
-    """True when the process that started this worker is gone (the runner was killed):
-    such a worker must not leave files behind for the next runner to pick up."""
-    parent = os.environ.get("DEVICEDIFF_PARENT_PID")
-    return bool(parent) and os.getppid() != int(parent)
 
 
 def save_checkpoint(ctx: Ctx, step: int) -> None:
@@ -197,7 +182,7 @@ def save_checkpoint(ctx: Ctx, step: int) -> None:
     path = ctx.job.get("checkpoint_path")
     if not path:
         return
-    if _orphaned():
+    if schedule.orphaned():
         raise SystemExit("devicediff worker: the runner is gone; exiting without writing a checkpoint")
     state = {
         "step": int(step),
@@ -255,12 +240,6 @@ def load_checkpoint(ctx: Ctx) -> int:
     return step
 
 
-def _checkpoint_due(ctx: Ctx, step: int) -> bool:
-    every = ctx.job["budget"].get("checkpoint_every")
-    if every:
-        return step % every == 0
-    # Default: at epoch ends of multi-epoch runs, where no recurrent state is carried.
-    return ctx.total_steps > ctx.steps_per_epoch and step % ctx.steps_per_epoch == 0
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -280,11 +259,6 @@ def evaluate(ctx: Ctx, step: int) -> None:
     ctx.writer.emit("weights", step=step, sha256=state_sha256(ctx.model), path=str(snap) if snap else None)
 
 
-def _eval_due(ctx: Ctx, step: int) -> bool:
-    every = ctx.job["budget"].get("eval_every_steps")
-    if every:
-        return step % every == 0 or step == ctx.total_steps
-    return step % ctx.steps_per_epoch == 0 or step == ctx.total_steps
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -310,7 +284,7 @@ def run(job: dict, writer: RecordWriter) -> None:
     sync(ctx.device)
     t_train = time.perf_counter()
     side = 0.0  # seconds spent in evaluation and checkpoints, not training steps
-    for step, batch in _batches_from(ctx, start):
+    for step, batch in schedule.batches_from(ctx, start):
         loss = train_step(ctx, batch, step, use_lr)
         done = step + 1
         if done % every == 0 or done == ctx.total_steps:
@@ -319,12 +293,12 @@ def run(job: dict, writer: RecordWriter) -> None:
             writer.emit("progress", step=done, total=ctx.total_steps)
             if not math.isfinite(value):
                 raise FloatingPointError(f"diverged: train_loss is {value} at step {done}")
-        if _eval_due(ctx, done) or (_checkpoint_due(ctx, done) and done < ctx.total_steps):
+        if schedule.eval_due(ctx, done) or schedule.checkpoint_due(ctx, done):
             sync(ctx.device)
             t_side = time.perf_counter()
-            if _eval_due(ctx, done):
+            if schedule.eval_due(ctx, done):
                 evaluate(ctx, done)
-            if _checkpoint_due(ctx, done) and done < ctx.total_steps:
+            if schedule.checkpoint_due(ctx, done):
                 save_checkpoint(ctx, done)
             sync(ctx.device)
             side += time.perf_counter() - t_side
