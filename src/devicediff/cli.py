@@ -112,7 +112,7 @@ def cmd_env(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    console = Console()
+    console = wide_console()
     if args.name:
         if args.name not in preset_names():
             raise StudyError(f"preset {args.name!r} unknown; choose one of {preset_names()}")
@@ -120,7 +120,8 @@ def cmd_presets(args) -> int:
         return 0
     for name in preset_names():
         study = load_study(name)
-        desc = study.description.strip().splitlines()[0] if study.description else ""
+        text = " ".join(study.description.split())
+        desc = text.split(". ")[0].rstrip(".") + "." if text else ""
         console.print(f"[bold]{name}[/bold]: {len(study.configs)} configs × {len(study.seeds)} seeds — {desc}", highlight=False)
     return 0
 

@@ -65,12 +65,6 @@ def worker_env(job: dict, *, base: dict | None = None, gpu_index: int | None = N
     return env
 
 
-def worker_argv(python: str) -> list[str]:
-    """``python -m devicediff.worker`` without the working directory on sys.path
-    (``-m`` would put it first, so a stray ``torch/`` folder there would shadow torch)."""
-    return [python, "-c", "import sys; sys.path.pop(0); from devicediff.worker import main; main()"]
-
-
 def describe_exit(code: int) -> str:
     if code < 0:
         try:

@@ -41,7 +41,7 @@ PARENT_ENV = "DEVICEDIFF_PARENT_PID"
 # The worker's first lines, run by the worker's own interpreter (any Python >= 3.5,
 # standard library only): pin the cores before any framework starts a thread pool,
 # ask the kernel to kill this process when its parent thread dies, drop the working
-# directory from sys.path (as ``base.worker_argv``), then hand over to ``devicediff.worker``.
+# directory from sys.path, then hand over to ``devicediff.worker``.
 BOOT = r"""
 import os, sys
 cores = os.environ.pop("DEVICEDIFF_CORES", "")
