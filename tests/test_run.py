@@ -27,6 +27,7 @@ def ran(tmp_path_factory):
 def test_every_cell_trained_and_table_printed(ran):
     d, _, r = ran
     assert "per config" in r.stdout and "cpu-2t" in r.stdout and "verdicts vs cpu-1t" in r.stdout
+    assert "next: devicediff report" in r.stdout
     with open_store(str(d / "s.db")) as s:
         runs = s.runs()
         assert len(runs) == 4 and set(runs["state"]) == {"finished"}

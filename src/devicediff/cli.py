@@ -59,6 +59,8 @@ def cmd_run(args) -> int:
         run_study(study, store, store_path=args.store, executor=executor, retry_failed=args.retry_failed,
                   progress=progress, only_configs=args.only)
         print_study(console, study, store)
+        store_arg = "" if args.store == "devicediff.db" else f" --store {args.store}"
+        console.print(f"runs stored in {args.store}; next: devicediff report{store_arg} --out report/", highlight=False)
     finally:
         executor.close()
         store.close()
