@@ -45,7 +45,7 @@ from devicediff.diverge.lockstep import diverge  # noqa: E402
 from devicediff.executors.base import Task, worker_env  # noqa: E402
 from devicediff.executors.local import run_worker  # noqa: E402
 from devicediff.runner import build_job, python_for  # noqa: E402
-from devicediff.study import Cell, load_study  # noqa: E402
+from devicediff.study import Cell, load_study, parse_overrides  # noqa: E402
 
 REF64 = textwrap.dedent(
     """
@@ -158,13 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.ratios:
         return ratios()
-    overrides = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        try:
-            overrides[k] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[k] = v
+    overrides = parse_overrides(args.set)
     study = load_study(args.study, overrides=overrides or None)
     work = Path(tempfile.mkdtemp(prefix="diverge_cost_"))
     n = args.hi - args.lo

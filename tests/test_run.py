@@ -168,3 +168,10 @@ def test_workers_ignore_modules_in_the_working_directory(tiny_study, tmp_path):
     assert r.returncode == 0, r.stderr
     with open_store(str(tmp_path / "sh.db")) as s:
         assert set(s.runs()["state"]) == {"finished"}
+
+
+def test_set_without_value_is_one_line_error(tiny_study, tmp_path):
+    r = devicediff("run", str(tiny_study("bad-set", seeds=1)), "--set", "train_size", "--store", str(tmp_path / "b.db"),
+                   cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().startswith("devicediff: error: --set 'train_size'")
+    assert not (tmp_path / "b.db").exists()

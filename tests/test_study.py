@@ -93,3 +93,20 @@ def test_load_study_errors(tmp_path):
     bad.write_text("name = [")
     with pytest.raises(StudyError, match="not valid TOML"):
         load_study(bad)
+
+
+def test_parse_overrides_reads_json_values_and_rejects_bare_keys():
+    from devicediff.study import parse_overrides
+
+    assert parse_overrides(["lr=1e-3", "sizes=[8, 4]", "data=clip.mp4", "x=true"]) == {
+        "lr": 1e-3, "sizes": [8, 4], "data": "clip.mp4", "x": True}
+    assert parse_overrides(None) == {}
+    with pytest.raises(StudyError, match="write KEY=VALUE"):
+        parse_overrides(["train_size"])
+
+
+def test_study_directory_only_for_files(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text("[workload]\nname = \"autoencoder\"\n[[configs]]\nname = \"a\"\nreference = true\n")
+    assert load_study(p).directory == tmp_path
+    assert load_study("quick").directory is None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from devicediff.study import StudyError, load_study, preset_names, preset_text
+from devicediff.study import StudyError, load_study, parse_overrides, preset_names, preset_text
 
 EXIT_USAGE = 2
 
@@ -43,10 +43,10 @@ def cmd_run(args) -> int:
     from devicediff.runner import preflight, run_study
     from devicediff.summary import print_study
 
-    overrides = dict(kv.split("=", 1) for kv in args.set or [])
+    overrides = parse_overrides(args.set)
     if args.data:
         overrides["data"] = args.data
-    study = load_study(args.study, overrides={k: _parse_value(v) for k, v in overrides.items()} or None)
+    study = load_study(args.study, overrides=overrides or None)
     if args.only:
         for name in args.only:
             study.config(name)  # unknown name: StudyError
@@ -65,13 +65,6 @@ def cmd_run(args) -> int:
         executor.close()
         store.close()
     return 0
-
-
-def _parse_value(v: str):
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
 
 
 def cmd_status(args) -> int:

@@ -38,12 +38,11 @@ def artifacts_root(store_path: str) -> Path:
 
 
 def build_job(study: Study, cell: Cell, run_id: str, run_dir: Path) -> dict:
-    study_dir = Path(study.source).parent if study.source and not study.source.startswith("preset:") else None
     cfg = cell.config.to_dict()
     return {
         "run_id": run_id,
         "study": study.name,
-        "workload": resolve_workload_name(study.workload, study_dir),
+        "workload": resolve_workload_name(study.workload, study.directory),
         "workload_params": study.workload_params,
         "config": cfg,
         "seed": cell.seed,
@@ -63,8 +62,7 @@ def preflight(study: Study) -> None:
     and before the store is touched."""
     from devicediff.workloads import make_workload
 
-    study_dir = Path(study.source).parent if study.source and not study.source.startswith("preset:") else None
-    name = resolve_workload_name(study.workload, study_dir)
+    name = resolve_workload_name(study.workload, study.directory)
     seen = set()
     for cfg in study.configs:
         if cfg.framework != "torch":

@@ -122,6 +122,12 @@ class Study:
         blob = json.dumps({"name": self.name, **self.definition()}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @property
+    def directory(self) -> Path | None:
+        """The study file's folder (``file.py:function`` workloads are relative to it);
+        None for presets and stored studies."""
+        return _source_dir(self.source)
+
     def config(self, name: str) -> ExecConfig:
         for c in self.configs:
             if c.name == name:
@@ -352,9 +358,27 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
     # The workload must exist: resolve it now so a typo fails before any run.
     from devicediff.workloads import check_workload_name, resolve_workload_name
 
-    study_dir = Path(source).parent if source and not source.startswith("preset:") else None
-    check_workload_name(resolve_workload_name(study.workload, study_dir))
+    check_workload_name(resolve_workload_name(study.workload, study.directory))
     return study
+
+
+def _source_dir(source: str) -> Path | None:
+    return Path(source).parent if source and not source.startswith(("preset:", "store")) else None
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as workload overrides; a VALUE that parses as JSON
+    (``3``, ``1e-3``, ``[1, 16]``, ``true``, ``"text"``) is taken as such, else as a string."""
+    out: dict[str, Any] = {}
+    for kv in pairs or []:
+        if "=" not in kv:
+            raise StudyError(f"--set {kv!r}: write KEY=VALUE, e.g. --set train_size=1000")
+        k, v = kv.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
 
 
 def preset_names() -> list[str]:

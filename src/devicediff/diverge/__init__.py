@@ -64,37 +64,22 @@ def diverge_cli(args) -> int:
     [--set K=V] [--store DB]``: print the tables and the summary line, store the
     payload, return 0 (identical or rounding), 1 (beyond rounding) or 2 (a side
     could not run)."""
-    import json
     import sys
 
     from rich.console import Console
 
+    from devicediff.cli import wide_console
     from devicediff.diverge.compare import BEYOND
     from devicediff.diverge.lockstep import DivergeError
     from devicediff.diverge.lockstep import diverge as _diverge
     from devicediff.diverge.report import print_divergence as _print
     from devicediff.store import open_store
-    from devicediff.study import load_study
+    from devicediff.study import load_study, parse_overrides
 
-    def parse(v: str):
-        try:
-            return json.loads(v)
-        except json.JSONDecodeError:
-            return v
-
-    overrides = {}
-    for kv in getattr(args, "set", None) or []:
-        if "=" not in kv:
-            from devicediff.study import StudyError
-
-            raise StudyError(f"--set {kv!r}: write KEY=VALUE, e.g. --set train_size=1000")
-        k, v = kv.split("=", 1)
-        overrides[k] = parse(v)
-    study = load_study(args.study, overrides=overrides or None)
+    study = load_study(args.study, overrides=parse_overrides(getattr(args, "set", None)) or None)
     study.config(args.a)  # unknown names fail here, before anything runs
     study.config(args.b)
-    # Not a terminal (a pipe, a CI log): rich would assume 80 columns and squeeze the tables.
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = wide_console()
     err = Console(stderr=True)
     store = open_store(args.store)
     try:

@@ -36,7 +36,6 @@ def focus_step(payload: dict) -> int:
 
 
 def tensor_table(payload: dict, step: int, *, max_rows: int = 60) -> Table:
-    a, b = payload["a"], payload["b"]
     t = Table(title=f"step {step}: every tensor (teacher-forced: both sides start the step from the same state)",
               title_justify="left")
     for col, just in (("step", "right"), ("module/tensor", "left"), ("kind", "left"), ("max|A−B|", "right"),

@@ -693,9 +693,8 @@ def _study_job(study_spec: str, config: str | None, seed: int | None, overrides:
     if not cfgs:
         raise SystemExit(f"study {study.name!r} has no Chainer config{' named ' + repr(config) if config else ''}")
     cell = next(c for c in study.cells() if c.config == cfgs[0] and (seed is None or c.seed == seed))
-    study_dir = Path(study.source).parent if study.source and not study.source.startswith("preset:") else None
     return {
-        "workload": resolve_workload_name(study.workload, study_dir),
+        "workload": resolve_workload_name(study.workload, study.directory),
         "workload_params": study.workload_params,
         "config": cell.config.to_dict(),
         "init_seed": cell.init_seed,
@@ -721,14 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--set", action="append", metavar="KEY=VALUE", default=[])
     args = ap.parse_args(argv)
-    overrides = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        try:
-            overrides[k] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[k] = v
-    job = _study_job(args.study, args.config, args.seed, overrides)
+    from devicediff.study import parse_overrides
+
+    job = _study_job(args.study, args.config, args.seed, parse_overrides(args.set))
     from devicediff.executors.base import SRC_DIR
     from devicediff.frameworks.chainer_env import chainer_python
 
