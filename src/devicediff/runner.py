@@ -17,7 +17,7 @@ from pathlib import Path
 from devicediff.executors import Executor, LocalExecutor, Task
 from devicediff.fingerprint import host_facts, machine_id
 from devicediff.progress import Progress
-from devicediff.protocol import FAILED, FINISHED, RUNNING, SKIPPED
+from devicediff.protocol import FAILED, FINISHED, SKIPPED
 from devicediff.store import RunInfo, Store
 from devicediff.study import Cell, Study
 from devicediff.workloads import resolve_workload_name
@@ -133,7 +133,7 @@ def run_study(
         task = Task(
             run_id=rid,
             job=job,
-            cpus=cell.config.threads or (1 if cell.config.is_gpu else 1),
+            cpus=cell.config.threads or 1,
             gpus=1 if cell.config.is_gpu else 0,
             log_path=str(run_dir / "worker.log"),
             python=python_for(cell),
@@ -164,7 +164,3 @@ def run_study(
     finally:
         prog.end(time.time() - t0)
     return result
-
-
-def is_running(state: str) -> bool:
-    return state == RUNNING
