@@ -175,3 +175,11 @@ def test_set_without_value_is_one_line_error(tiny_study, tmp_path):
                    cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().startswith("devicediff: error: --set 'train_size'")
     assert not (tmp_path / "b.db").exists()
+
+
+@pytest.mark.parametrize("flag", ["--jobs", "--gpu-slots"])
+def test_jobs_and_gpu_slots_must_be_positive(tiny_study, tmp_path, flag):
+    store = tmp_path / "s.db"
+    r = devicediff("run", str(tiny_study("bad-jobs", seeds=1)), "--store", str(store), flag, "0", cwd=tmp_path)
+    assert r.returncode == 2 and f"argument {flag}" in r.stderr and "at least 1" in r.stderr
+    assert not store.exists()

@@ -163,6 +163,16 @@ def cmd_merge(args) -> int:
 # -- parser ----------------------------------------------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="devicediff", description=__doc__.splitlines()[0].strip("`: "))
     sub = p.add_subparsers(dest="command", required=True)
@@ -173,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = with_store(sub.add_parser("run", help="train every run of a study (resumes)"))
     r.add_argument("study", nargs="?", default="quick", help="a .toml study file or a preset name (default: quick)")
-    r.add_argument("--jobs", "-j", type=int, default=1, help="runs at once (CPU runs get disjoint cores)")
-    r.add_argument("--gpu-slots", type=int, default=1, help="runs sharing one GPU")
+    r.add_argument("--jobs", "-j", type=positive_int, default=1, help="runs at once (CPU runs get disjoint cores)")
+    r.add_argument("--gpu-slots", type=positive_int, default=1,
+                   help="runs sharing one GPU (with --executor ray: each GPU run asks for 1/N of a GPU)")
     r.add_argument("--executor", choices=["local", "ray"], default="local")
     r.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
     r.add_argument("--data", default=None, help="override the workload's data (e.g. a video file or folder)")
@@ -208,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("study")
     d.add_argument("--a", required=True, help="config A (e.g. the reference)")
     d.add_argument("--b", required=True, help="config B")
-    d.add_argument("--steps", type=int, default=5)
+    d.add_argument("--steps", type=positive_int, default=5)
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--threshold", type=float, default=100.0, help="beyond-rounding factor (default 100)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a workload parameter")

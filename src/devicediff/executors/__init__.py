@@ -12,5 +12,5 @@ def make_executor(kind: str = "local", **kw) -> Executor:
     if kind == "ray":
         from devicediff.executors.ray import RayExecutor
 
-        return RayExecutor(**{k: v for k, v in kw.items() if k in ("address",)})
+        return RayExecutor(**{k: v for k, v in kw.items() if k in ("address", "slots_per_gpu")})
     raise ValueError(f"unknown executor {kind!r}; use 'local' or 'ray'")

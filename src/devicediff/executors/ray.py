@@ -3,7 +3,8 @@
 ``devicediff run STUDY --executor ray [--address HOST:PORT]``
 
 - A run's task asks Ray for its CPUs (the config's ``threads``; capped at the
-  largest node's CPU count), one GPU for a GPU config, and the config's
+  largest node's CPU count), one GPU for a GPU config (``1/N`` of one with
+  ``--gpu-slots N``, so N runs share a card), and the config's
   ``ray_resources`` (e.g. ``{H100 = 1}`` for a node started with
   ``ray start --resources='{"H100": 1}'``). A run that no node of the cluster
   can ever hold is recorded as ``skipped`` with the reason, not left waiting.
@@ -93,6 +94,25 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def _fits(have: dict, need: dict) -> bool:
     return all(have.get(k, 0) >= v for k, v in need.items() if v)
+
+
+def resource_request(task: Task, nodes: list[dict], gpu_slots: int = 1) -> dict | str:
+    """What a run's task asks Ray for: ``{"num_cpus", "num_gpus", "resources"}``,
+    or the reason no node of the cluster (``nodes``: each node's resources) can ever hold it.
+
+    A GPU run asks for ``1 / gpu_slots`` of a GPU, so ``gpu_slots`` runs share one card
+    (Ray then gives each the same ``CUDA_VISIBLE_DEVICES``). A run asking for more
+    threads than any fitting node has gets a whole node's CPUs.
+    """
+    others = {k: v for k, v in task.ray_resources.items() if k not in ("CPU", "GPU")}
+    gpus = task.gpus / gpu_slots if task.gpus else 0
+    need = {"CPU": 1, "GPU": gpus, **others}
+    hosts = [n for n in nodes if _fits(n, need)]
+    if not hosts:
+        want = {k: v for k, v in need.items() if v}
+        return f"no node of the Ray cluster offers {want}; start one with those resources"
+    cpus = min(max(1, task.cpus), int(max(n.get("CPU", 1) for n in hosts)))
+    return {"num_cpus": cpus, "num_gpus": gpus, "resources": others or None}
 
 
 # -- on the node -------------------------------------------------------------------------
@@ -198,8 +218,12 @@ def _stream(q: queue.Queue, placement: dict, shared: bool) -> Iterator[list[dict
 class RayExecutor(Executor):
     """Connects at construction, so an unreachable cluster fails before the store is touched."""
 
-    def __init__(self, address: str | None = None, *, ship_files: bool = False):
-        """``ship_files=True`` ships files back even when the node shares the driver's folder."""
+    def __init__(self, address: str | None = None, *, slots_per_gpu: int = 1, ship_files: bool = False):
+        """``slots_per_gpu``: GPU runs sharing one GPU (each asks Ray for that fraction of one);
+        ``ship_files=True`` ships files back even when the node shares the driver's folder."""
+        if slots_per_gpu < 1:
+            raise ValueError("slots_per_gpu must be at least 1")
+        self.gpu_slots = slots_per_gpu
         ray = import_ray()
         if address:
             check_reachable(address)
@@ -277,16 +301,11 @@ class RayExecutor(Executor):
 
         try:
             for task in tasks:
-                others = {k: v for k, v in task.ray_resources.items() if k not in ("CPU", "GPU")}
-                need = {"CPU": 1, "GPU": task.gpus, **others}
-                hosts = [n for n in nodes if _fits(n, need)]
-                if not hosts:
-                    want = {k: v for k, v in need.items() if v}
-                    yield task, {"kind": "done", "state": SKIPPED,
-                                 "error": f"no node of the Ray cluster offers {want}; start one with those resources"}
+                request = resource_request(task, nodes, self.gpu_slots)
+                if isinstance(request, str):
+                    yield task, {"kind": "done", "state": SKIPPED, "error": request}
                     continue
-                # A run asking for more threads than any fitting node has gets a whole node's CPUs.
-                cpus = min(max(1, task.cpus), int(max(n.get("CPU", 1) for n in hosts)))
+                cpus = request["num_cpus"]
                 run_dir = str(Path(task.log_path).parent)
                 token = secrets.token_hex(8)
                 Path(run_dir, TOKEN_FILE).write_text(token)
@@ -298,7 +317,7 @@ class RayExecutor(Executor):
                     "python": None if task.python == sys.executable else task.python,
                 }
                 gen = self._remote.options(
-                    num_cpus=cpus, num_gpus=task.gpus, resources=others or None, max_retries=0,
+                    **request, max_retries=0,
                     name=f"devicediff {task.label or task.run_id}",
                 ).remote(payload)
                 self._gens.append(gen)
