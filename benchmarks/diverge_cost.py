@@ -6,11 +6,15 @@ training step of config A + one of config B + one float64 reference step).
 Measured two ways, each as a slope over steps so that process start, data
 loading and evaluation cancel out:
 
-* **wall**: ``diverge(study, A, B, steps=N)`` end to end (both workers, file
-  I/O, the parent's comparison), at ``N = lo`` and ``N = hi`` steps; plain
-  training of A and of B in ordinary workers (``run_worker``, the worker's own
-  ``train_time``) at the same two budgets; and a float64 CPU step of the same
-  workload in a fresh process with A's thread count.
+* **wall**: in one ``diverge(study, A, B, steps=hi)``, the time between the
+  parent's taking in step ``lo`` and step ``hi`` (both sides' files arrived and
+  the earlier steps compared), divided by ``hi - lo``: what a user waits per
+  step once both sides are running, with both workers, file I/O and the
+  parent's comparison in it and process start-up (seconds, and varying by
+  seconds on a GPU) out of it. Against it: plain training of A and of B in
+  ordinary workers (``run_worker``, the worker's own ``train_time``, a slope
+  over the same two budgets) and a float64 CPU step of the same workload in a
+  fresh process with A's thread count.
 * **records**: the per-step clocks the sides report (``total`` of A and B and
   the parent's ``compare``) against the plain step each side times itself
   (its free-running copy's step is a plain training step) and its float64
@@ -149,8 +153,8 @@ def main() -> None:
     ap.add_argument("--study", default="quick")
     ap.add_argument("--a", default="cpu-1t")
     ap.add_argument("--b", default="cpu-2t")
-    ap.add_argument("--lo", type=int, default=4, help="steps of the short runs")
-    ap.add_argument("--hi", type=int, default=24, help="steps of the long runs")
+    ap.add_argument("--lo", type=int, default=4, help="first step timed (and steps of the short plain runs)")
+    ap.add_argument("--hi", type=int, default=24, help="last step timed (and steps of the long plain runs)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-free", action="store_true", help="diverge(free=False): no free-running copies")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -165,12 +169,17 @@ def main() -> None:
 
     lock, plain_a, plain_b, ref, rec_ratio, breakdown = [], [], [], [], [], []
     for rep in range(args.repeats):
-        walls = {}
-        for steps in (args.lo, args.hi):
-            t0 = time.perf_counter()
-            payload = diverge(study, args.a, args.b, steps=steps, workdir=work / f"d{rep}-{steps}", free=not args.no_free)
-            walls[steps] = time.perf_counter() - t0
-        lock.append((walls[args.hi] - walls[args.lo]) / n)
+        seen: dict[int, set] = {}
+        taken: dict[int, float] = {}
+
+        def on_step(side: str, step: int, _total: int) -> None:
+            seen.setdefault(step, set()).add(side)
+            if len(seen[step]) == 2:
+                taken[step] = time.perf_counter()
+
+        payload = diverge(study, args.a, args.b, steps=args.hi, workdir=work / f"d{rep}", free=not args.no_free,
+                          on_step=on_step)
+        lock.append((taken[args.hi] - taken[args.lo]) / n)
         # per-step clocks of the long run, step 1 (warm-up, repeat) left out
         per = payload["per_step"][1:]
         tot = [st["timing"]["A"]["total"] + st["timing"]["B"]["total"] + st["timing"]["compare"] for st in per]
@@ -179,9 +188,9 @@ def main() -> None:
         plain = "free" if not args.no_free else "config"
         den = [st["timing"]["A"][plain] + st["timing"]["B"][plain] + st["timing"]["A"]["ref64"] for st in per]
         rec_ratio.append(sum(tot) / sum(den))
-        breakdown.append({k: median([st["timing"][s][k] for st in per for s in ("A", "B")])
-                          for k in ("sync", "config", "repeat", "ref64", "free", "gather", "wait", "write", "total")}
-                         | {"compare": median([st["timing"]["compare"] for st in per])})
+        breakdown.append({side: {k: median([st["timing"][side][k] for st in per])
+                                 for k in ("sync", "config", "repeat", "ref64", "free", "gather", "wait", "write", "total")}
+                          for side in ("A", "B")} | {"compare": median([st["timing"]["compare"] for st in per])})
         pa = (plain_train_time(study, args.a, args.hi, work) - plain_train_time(study, args.a, args.lo, work)) / n
         pb = (plain_train_time(study, args.b, args.hi, work) - plain_train_time(study, args.b, args.lo, work)) / n
         plain_a.append(pa)

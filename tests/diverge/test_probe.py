@@ -116,9 +116,31 @@ def test_teacher_sync_and_clone_state():
     with torch.no_grad():
         for p in m64.parameters():
             p.add_(1e-12)  # a float64 state that float32 cannot hold
+            opt64.state[p]["exp_avg"].add_(1e-15)
+    want = {n: p.detach().clone().float() for n, p in m64.named_parameters()}  # round to nearest
     teacher_sync(m, opt, m64, opt64)
-    for p, p64 in zip(m.parameters(), m64.parameters()):
+    for (n, p), p64 in zip(m.named_parameters(), m64.parameters()):
         assert p.dtype == torch.float32 and torch.equal(p.double(), p64)  # reference = working copy, exactly
+        assert torch.equal(p, want[n])
     s, s64 = opt.state_dict()["state"][0], opt64.state_dict()["state"][0]
     assert s["step"] is not s64["step"]  # never shared: each optimizer counts its own steps
     assert s64["exp_avg"].dtype == torch.float64 and torch.equal(s["exp_avg"].double(), s64["exp_avg"])
+    assert s64["exp_avg_sq"].dtype == torch.float64 and torch.equal(s["exp_avg_sq"].double(), s64["exp_avg_sq"])
+
+
+def test_teacher_sync_before_the_first_step_and_with_buffers():
+    """No optimizer state on one side yet: the state is taken over whole (here: cleared);
+    integer buffers are copied as they are."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    m64 = copy.deepcopy(m).double()
+    opt, opt64 = torch.optim.Adam(m.parameters()), torch.optim.Adam(m64.parameters())
+    m(torch.randn(5, 4)).sum().backward()
+    opt.step()  # the working optimizer has state, the reference none
+    with torch.no_grad():
+        m64[1].running_mean.add_(0.5)
+        m64[1].num_batches_tracked.fill_(7)
+    teacher_sync(m, opt, m64, opt64)
+    assert not opt.state and not opt64.state
+    assert torch.equal(m[1].running_mean.double(), m64[1].running_mean)
+    assert m[1].num_batches_tracked.item() == 7 and m[1].num_batches_tracked.dtype == torch.int64

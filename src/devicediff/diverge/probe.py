@@ -249,12 +249,55 @@ def _flatten(result: dict[str, dict[str, torch.Tensor]], prefix: str | None) -> 
     return out
 
 
+def _round_into(work: torch.Tensor, ref: torch.Tensor) -> None:
+    """``ref`` := ``ref`` rounded to ``work``'s dtype (in place, on the CPU, exact in float64);
+    ``work`` := the same values (one copy to its device). Non-float tensors are copied as they are."""
+    if ref.is_floating_point() and work.is_floating_point():
+        rounded = ref.to(work.dtype)
+        ref.copy_(rounded)
+        work.copy_(rounded)
+    else:
+        work.copy_(ref)
+
+
+def _paired_state(optimizer, optimizer64) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The two optimizers' state tensors side by side, or None where their states do not
+    pair up one to one (no state yet, other keys, a value that is not a tensor)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params64 = [p for g in optimizer64.param_groups for p in g["params"]]
+    if len(params) != len(params64):
+        return None
+    pairs = []
+    for p, q in zip(params, params64):
+        st, st64 = optimizer.state.get(p, {}), optimizer64.state.get(q, {})
+        if st.keys() != st64.keys():
+            return None
+        for k, v in st.items():
+            v64 = st64[k]
+            if not (isinstance(v, torch.Tensor) and isinstance(v64, torch.Tensor)) or v.shape != v64.shape:
+                return None
+            pairs.append((v, v64))
+    return pairs if pairs else None
+
+
+@torch.no_grad()
 def teacher_sync(model, optimizer, model64, optimizer64) -> None:
-    """Working copy := float64 teacher state rounded to its dtype; reference := working copy (exact)."""
-    model.load_state_dict(model64.state_dict())  # load_state_dict copies with dtype/device cast
-    optimizer.load_state_dict(clone_state(optimizer64.state_dict()))
-    model64.load_state_dict(model.state_dict())
-    optimizer64.load_state_dict(clone_state(optimizer.state_dict()))
+    """Working copy := float64 teacher state rounded to its dtype; reference := working copy (exact).
+
+    The rounding is done once on the CPU and each tensor copied once to the working
+    copy's device (no round trip from a GPU). Optimizer states that do not pair up
+    tensor for tensor (before the first step, say) go through ``load_state_dict``.
+    """
+    sd, sd64 = model.state_dict(keep_vars=True), model64.state_dict(keep_vars=True)
+    for k, t in sd.items():
+        _round_into(t.detach(), sd64[k].detach())
+    pairs = _paired_state(optimizer, optimizer64)
+    if pairs is None:
+        optimizer.load_state_dict(clone_state(optimizer64.state_dict()))  # copies with dtype/device cast
+        optimizer64.load_state_dict(clone_state(optimizer.state_dict()))
+    else:
+        for v, v64 in pairs:
+            _round_into(v, v64)
 
 
 def _batches(ctx: Ctx):
@@ -340,8 +383,7 @@ def run_lockstep(ctx: Ctx) -> None:
         res2 = None
         if do_repeat:
             # model64/opt64 still hold the exact pre-step state: reload it and run the step again.
-            model.load_state_dict(model64.state_dict())
-            opt.load_state_dict(clone_state(opt64.state_dict()))
+            teacher_sync(model, opt, model64, opt64)
             vars(wl).clear()
             vars(wl).update(wl_state)
             res2 = run_step(workload=wl, forward_model=ctx.forward_model, model=model, optimizer=opt, batch=batch,
