@@ -33,6 +33,25 @@ def test_roundtrip_keeps_order_dtype_and_shape(tmp_path):
     assert not list((tmp_path / "d").glob(".*tmp*")), "the temporary file must be renamed away"
 
 
+def test_written_files_are_plain_npz(tmp_path):
+    """np.load reads what write_step wrote, non-contiguous and empty arrays included."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "fwd/t": np.arange(12.0).reshape(3, 4).T,  # Fortran-ordered view
+        "fwd/s": rng.random((4, 6), dtype=np.float32)[:, ::2],  # strided view
+        "weight/empty": np.zeros((0, 5), np.float32),
+        "ref64/grad/big": rng.random(300_000),
+        "meta/step": np.int64(9),
+    }
+    path = fmt.write_step(tmp_path, 9, arrays)
+    with np.load(path, allow_pickle=False) as z:
+        assert z.files == list(arrays)
+        for k, v in arrays.items():
+            assert z[k].dtype == v.dtype and z[k].shape == v.shape
+            np.testing.assert_array_equal(z[k], v)
+    np.testing.assert_array_equal(fmt.read_step(path)["fwd/t"], arrays["fwd/t"])
+
+
 def test_split_key_inverts_key():
     for prefix in (None, "ref64", "rep", "free"):
         for kind, name in (("fwd", "<model>"), ("grad", "layers.0.lstm.weight"), ("fwd", "x@3:1"), ("loss", "loss")):
