@@ -8,7 +8,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from devicediff.analysis.frames import bitwise_table, metric_columns, per_run
+from devicediff.analysis.frames import bitwise_table, config_identity, metric_columns, per_run
 from devicediff.store import Store
 from devicediff.study import Study
 
@@ -19,16 +19,27 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}" if abs(x) >= 1e-3 else f"{x:.3e}"
 
 
-def study_frames(store: Store, study_id: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    runs = store.runs(study_id)
+def study_frames(store: Store, study: Study) -> tuple[pd.DataFrame, pd.DataFrame, str, list[str], bool]:
+    """``(runs, per_run, reference_label, labels, by_machine)``: configs labelled as the report
+    labels them (``NAME@MACHINE`` once a config has runs from several machines, never pooled);
+    ``labels`` in definition order, configs without runs yet included."""
+    runs = store.runs(study.study_id)
     metrics = store.metrics(list(runs["run_id"])) if len(runs) else store.metrics([])
-    return runs, metrics, per_run(runs, metrics)
+    names = [c.name for c in study.configs]
+    runs, ref, _, by_machine, labels = config_identity(runs, study.reference, names)
+    ran = set(runs["base_config"]) if len(runs) else set()
+    labels += [n for n in names if n not in ran]
+    return runs, per_run(runs, metrics), ref, labels, by_machine
 
 
-def config_table(study: Study, runs: pd.DataFrame, pr: pd.DataFrame) -> Table:
+def config_table(study: Study, runs: pd.DataFrame, pr: pd.DataFrame, reference: str, labels: list[str],
+                 by_machine: bool = False) -> Table:
     metrics = [m for m in metric_columns(pr) if m in ("final_eval_loss", "final_eval_mse", "final_eval_ssim", "tail_train_loss")]
-    bits = bitwise_table(runs, study.reference).set_index("config") if len(runs) else pd.DataFrame()
-    t = Table(title=f"{study.name}: per config (mean ± sd over seeds)", title_justify="left")
+    bits = bitwise_table(runs, reference).set_index("config") if len(runs) else pd.DataFrame()
+    title = f"{study.name}: per config (mean ± sd over seeds)"
+    if by_machine:
+        title += "; runs of different machines kept apart (CONFIG@MACHINE)"
+    t = Table(title=title, title_justify="left")
     t.add_column("config")
     t.add_column("runs", justify="right")
     for m in metrics:
@@ -36,21 +47,18 @@ def config_table(study: Study, runs: pd.DataFrame, pr: pd.DataFrame) -> Table:
     t.add_column("bits = ref", justify="right")
     t.add_column("repeatable", justify="right")
     fin = pr[pr["state"] == "finished"] if len(pr) else pr
-    for cfg in study.configs:
-        g = runs[runs["config"] == cfg.name] if len(runs) else runs
+    for label in labels:
+        g = runs[runs["config"] == label] if len(runs) else runs
         counts = g["state"].value_counts().to_dict() if len(g) else {}
         runs_txt = f"{counts.get('finished', 0)}" + "".join(
             f" +{counts[s]} {s}" for s in ("failed", "skipped", "running") if counts.get(s)
         )
-        machines = g["machine"].nunique() if len(g) else 0
-        if machines > 1:
-            runs_txt += f" on {machines} machines"
-        row = [cfg.name + (" (ref)" if cfg.name == study.reference else ""), runs_txt]
-        fg = fin[fin["config"] == cfg.name] if len(fin) else fin
+        row = [label + (" (ref)" if label == reference else ""), runs_txt]
+        fg = fin[fin["config"] == label] if len(fin) else fin
         for m in metrics:
             v = fg[m].dropna() if m in fg else pd.Series(dtype=float)
             row.append(f"{_fmt(v.mean())} ± {_fmt(v.std(ddof=1) if len(v) > 1 else float('nan'))}" if len(v) else "–")
-        b = bits.loc[cfg.name] if cfg.name in bits.index else None
+        b = bits.loc[label] if label in bits.index else None
         row.append(str(b["matches_reference"]) if b is not None else "–")
         rep = b["repeatable"] if b is not None else None
         row.append("–" if rep is None or (isinstance(rep, float) and math.isnan(rep)) else ("yes" if rep else "no"))
@@ -70,7 +78,7 @@ def failures_table(runs: pd.DataFrame) -> Table | None:
     return t
 
 
-def verdicts_table(study: Study, pr: pd.DataFrame) -> Table | None:
+def verdicts_table(study: Study, pr: pd.DataFrame, reference: str) -> Table | None:
     """The verdict of every config against the reference (devicediff.analysis.stats)."""
     try:
         from devicediff.analysis.stats import verdict_table
@@ -78,10 +86,10 @@ def verdicts_table(study: Study, pr: pd.DataFrame) -> Table | None:
         return None
     fin = pr[pr["state"] == "finished"]
     metrics = [m for m in metric_columns(fin) if fin[m].notna().any()]
-    if fin.empty or not metrics or fin["config"].nunique() < 2 or study.reference not in set(fin["config"]):
+    if fin.empty or not metrics or fin["config"].nunique() < 2 or reference not in set(fin["config"]):
         return None
-    v = verdict_table(fin, metrics, study.reference, margin=study.margin, margin_fraction=study.margin_fraction)
-    t = Table(title=f"verdicts vs {study.reference} (Holm-corrected over {len(v)} comparisons)", title_justify="left")
+    v = verdict_table(fin, metrics, reference, margin=study.margin, margin_fraction=study.margin_fraction)
+    t = Table(title=f"verdicts vs {reference} (Holm-corrected over {len(v)} comparisons)", title_justify="left")
     for c in ("config", "metric", "n", "diff", "95% CI", "p (Holm)", "margin", "verdict"):
         t.add_column(c, justify="right" if c not in ("config", "metric", "verdict") else "left")
     for _, r in v.iterrows():
@@ -93,15 +101,15 @@ def verdicts_table(study: Study, pr: pd.DataFrame) -> Table | None:
 
 
 def print_study(console: Console, study: Study, store: Store, *, verdicts: bool = True) -> None:
-    runs, _, pr = study_frames(store, study.study_id)
+    runs, pr, reference, labels, by_machine = study_frames(store, study)
     if runs.empty:
         console.print(f"{study.name}: no runs in the store yet")
         return
-    console.print(config_table(study, runs, pr))
+    console.print(config_table(study, runs, pr, reference, labels, by_machine))
     ft = failures_table(runs)
     if ft is not None:
         console.print(ft)
     if verdicts:
-        vt = verdicts_table(study, pr)
+        vt = verdicts_table(study, pr, reference)
         if vt is not None:
             console.print(vt)

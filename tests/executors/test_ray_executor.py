@@ -97,6 +97,7 @@ def test_a_study_on_ray_runs_every_cell_and_matches_local_bits(cluster, tmp_path
     for name in ("a", "b"):
         place = runs.loc[name, "effective"]["placement"]
         assert place["executor"] == "ray" and place["shared_filesystem"] is True and place["cpus"] == 1
+        assert place["gpu_share"] == 0  # CPU configs ask for no GPU
     assert runs.loc["b", "effective"]["placement"]["ray_resources"] == {"fast": 1}
     assert not metrics.duplicated(["run_id", "step", "name"]).any()
     assert Path(runs.loc["a", "log_path"]).exists()

@@ -18,7 +18,7 @@ from report_synth import DIVERGE_XSS, ERR, XSS, make_store
 
 from devicediff.cli import UsageError, main
 from devicediff.report import REPORT_NAME, write_report
-from devicediff.report.data import config_identity
+from devicediff.analysis.frames import config_identity
 from devicediff.store import SQLiteStore
 
 PNG = b"\x89PNG\r\n\x1a\n"

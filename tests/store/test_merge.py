@@ -180,3 +180,23 @@ def test_cli_merge(two_machines):
     assert r.stdout.strip() == f"merged into {out}: 0 new run(s)"
     r = devicediff("merge", str(a), str(out.with_name("missing.db")), "--out", str(out))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
+
+
+def test_status_of_a_merged_store_keeps_machines_apart(tmp_path):
+    """As in the report: a config with runs from two machines is two rows, never pooled."""
+    from devicediff.study import study_from_definition
+
+    sid = study_from_definition("s", DEF).study_id  # the id `status` finds the runs under
+    a, b, out = tmp_path / "A.db", tmp_path / "B.db", tmp_path / "ALL.db"
+    make_store(a, "m1", [("a1", "cpu", "finished", 5), ("a2", "gpu", "failed", 2)], study_id=sid, with_files=False)
+    make_store(b, "m2", [("b1", "cpu", "finished", 5), ("b2", "gpu", "finished", 5)], study_id=sid, with_files=False)
+    assert devicediff("merge", str(a), str(b), "--out", str(out)).returncode == 0
+    r = devicediff("status", "--store", str(out), env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    rows: dict[str, str] = {}
+    for line in r.stdout.splitlines():
+        if line.count("│") > 3:  # a table row; the per-config table comes first
+            rows.setdefault(line.split("│")[1].strip(), line)
+    assert {"cpu@m1 (ref)", "cpu@m2", "gpu@m1", "gpu@m2"} <= set(rows), r.stdout
+    assert "(CONFIG@MACHINE)" in r.stdout
+    assert "+1 failed" in rows["gpu@m1"] and rows["gpu@m2"].split("│")[2].strip() == "1"

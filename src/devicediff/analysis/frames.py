@@ -90,3 +90,58 @@ def curves(runs: pd.DataFrame, metrics: pd.DataFrame, name: str = "train_loss") 
     """Long table ``config, seed, repeat, step, value`` for one metric."""
     m = metrics[metrics["name"] == name].merge(runs[["run_id", "config", "seed", "repeat"]], on="run_id")
     return m[["config", "seed", "repeat", "run_id", "step", "value"]].sort_values(["config", "seed", "step"])
+
+
+# -- config identity across machines ----------------------------------------------------------
+#
+# In a store merged from several machines the same config name can have runs from several
+# ``machine`` ids, and those runs must not be pooled (another CPU or driver is another way of
+# doing the arithmetic). Then every config is labelled ``NAME@MACHINE`` (short machine id), and
+# the reference becomes the reference config on the machine that holds most of its finished runs.
+
+SHORT_MACHINE = 6
+
+
+def short_ids(machines: list[str]) -> dict[str, str]:
+    """Shortest common prefix length (from 6) that keeps every machine id distinct."""
+    k = SHORT_MACHINE
+    while len({str(m)[:k] for m in machines}) < len(set(machines)) and k < 64:
+        k += 2
+    return {m: str(m)[:k] for m in machines}
+
+
+def config_identity(runs: pd.DataFrame, reference: str, config_order: list[str] | None = None
+                    ) -> tuple[pd.DataFrame, str, str | None, bool, list[str]]:
+    """``(runs, reference_label, reference_machine, by_machine, order)``.
+
+    ``runs`` gains ``base_config`` (the study's config name); ``config`` becomes
+    ``NAME@MACHINE`` for every config when any config has runs from more than one machine.
+    """
+    runs = runs.copy()
+    runs["base_config"] = runs["config"] if len(runs) else pd.Series(dtype=object)
+    base_order = list(config_order or [])
+    base_order += [c for c in pd.unique(runs["config"]) if c not in base_order] if len(runs) else []
+    if runs.empty or "machine" not in runs.columns:
+        return runs, reference, None, False, [c for c in base_order if not len(runs) or c in set(runs["config"])]
+    machines_per = runs.groupby("config")["machine"].nunique()
+    ref_runs = runs[runs["config"] == reference]
+    ref_machine = None
+    if len(ref_runs):
+        fin = ref_runs[ref_runs["state"] == "finished"]
+        pool = fin if len(fin) else ref_runs
+        counts = pool.groupby("machine", sort=False).size()
+        ref_machine = str(counts.idxmax())  # ties: first seen (runs come in creation order)
+    if (machines_per <= 1).all():
+        order = [c for c in base_order if c in set(runs["config"])]
+        return runs, reference, ref_machine, False, order
+    short = short_ids(list(pd.unique(runs["machine"])))
+    runs["config"] = runs["base_config"] + "@" + runs["machine"].map(short)
+    order = []
+    for base in base_order:
+        ms = list(pd.unique(runs.loc[runs["base_config"] == base, "machine"]))
+        if ref_machine in ms:
+            ms.remove(ref_machine)
+            ms.insert(0, ref_machine)
+        order += [f"{base}@{short[m]}" for m in ms]
+    ref_label = f"{reference}@{short[ref_machine]}" if ref_machine is not None else reference
+    return runs, ref_label, ref_machine, True, order

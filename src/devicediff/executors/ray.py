@@ -148,7 +148,8 @@ def node_run(payload: dict) -> Iterator[list[dict]]:
     ctx = ray.get_runtime_context()
     placement = {
         "executor": "ray", **note, "cores": None, "node_ip": ray.util.get_node_ip_address(),
-        "node_id": ctx.get_node_id(), "cpus": payload["cpus"], "ray_resources": payload["ray_resources"],
+        "node_id": ctx.get_node_id(), "cpus": payload["cpus"], "gpu_share": payload.get("gpu_share", 0),
+        "ray_resources": payload["ray_resources"],
         "shared_filesystem": shared,
     }
     env = worker_env(job, gpu_index=gpu)
@@ -312,7 +313,8 @@ class RayExecutor(Executor):
                 if self.ship_files:
                     token = "ship"
                 payload = {
-                    "run_id": task.run_id, "job": task.job, "cpus": cpus, "gpus": task.gpus, "log_path": task.log_path,
+                    "run_id": task.run_id, "job": task.job, "cpus": cpus, "gpus": task.gpus, "gpu_share": request["num_gpus"],
+                    "log_path": task.log_path,
                     "run_dir": run_dir, "token": token, "ray_resources": dict(task.ray_resources),
                     "python": None if task.python == sys.executable else task.python,
                 }

@@ -1,10 +1,7 @@
 """Data preparation for the report: one study's records as the frames every section reads.
 
-The one decision made here: **config identity**. In a store merged from several machines the
-same config name can have runs from several ``machine`` ids, and those runs must not be pooled
-(another CPU or driver is another way of doing the arithmetic). Then every config is labelled
-``NAME@MACHINE`` (short machine id), and the reference becomes the reference config on the
-machine that holds most of its finished runs.
+Config identity across machines (``NAME@MACHINE`` labels) is decided by
+:func:`devicediff.analysis.frames.config_identity`, which ``status`` uses too.
 """
 
 from __future__ import annotations
@@ -14,9 +11,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from devicediff.analysis import frames
+from devicediff.analysis.frames import config_identity
 from devicediff.store import Store
-
-SHORT_MACHINE = 6
 
 
 @dataclass
@@ -38,51 +34,6 @@ class StudyData:
     artifacts: pd.DataFrame
     analyses: pd.DataFrame
     notes: list[str] = field(default_factory=list)
-
-
-def short_ids(machines: list[str]) -> dict[str, str]:
-    """Shortest common prefix length (from 6) that keeps every machine id distinct."""
-    k = SHORT_MACHINE
-    while len({str(m)[:k] for m in machines}) < len(set(machines)) and k < 64:
-        k += 2
-    return {m: str(m)[:k] for m in machines}
-
-
-def config_identity(runs: pd.DataFrame, reference: str, config_order: list[str] | None = None
-                    ) -> tuple[pd.DataFrame, str, str | None, bool, list[str]]:
-    """``(runs, reference_label, reference_machine, by_machine, order)``.
-
-    ``runs`` gains ``base_config`` (the study's config name); ``config`` becomes
-    ``NAME@MACHINE`` for every config when any config has runs from more than one machine.
-    """
-    runs = runs.copy()
-    runs["base_config"] = runs["config"] if len(runs) else pd.Series(dtype=object)
-    base_order = list(config_order or [])
-    base_order += [c for c in pd.unique(runs["config"]) if c not in base_order] if len(runs) else []
-    if runs.empty or "machine" not in runs.columns:
-        return runs, reference, None, False, [c for c in base_order if not len(runs) or c in set(runs["config"])]
-    machines_per = runs.groupby("config")["machine"].nunique()
-    ref_runs = runs[runs["config"] == reference]
-    ref_machine = None
-    if len(ref_runs):
-        fin = ref_runs[ref_runs["state"] == "finished"]
-        pool = fin if len(fin) else ref_runs
-        counts = pool.groupby("machine", sort=False).size()
-        ref_machine = str(counts.idxmax())  # ties: first seen (runs come in creation order)
-    if (machines_per <= 1).all():
-        order = [c for c in base_order if c in set(runs["config"])]
-        return runs, reference, ref_machine, False, order
-    short = short_ids(list(pd.unique(runs["machine"])))
-    runs["config"] = runs["base_config"] + "@" + runs["machine"].map(short)
-    order = []
-    for base in base_order:
-        ms = list(pd.unique(runs.loc[runs["base_config"] == base, "machine"]))
-        if ref_machine in ms:
-            ms.remove(ref_machine)
-            ms.insert(0, ref_machine)
-        order += [f"{base}@{short[m]}" for m in ms]
-    ref_label = f"{reference}@{short[ref_machine]}" if ref_machine is not None else reference
-    return runs, ref_label, ref_machine, True, order
 
 
 def load_study(store: Store, study: pd.Series) -> StudyData:

@@ -17,7 +17,8 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from devicediff.report.data import StudyData, short_ids
+from devicediff.analysis.frames import short_ids
+from devicediff.report.data import StudyData
 
 # fingerprint facts shown, in order; anything else (and never a host or user name) is left out
 ENV_FACTS = [
