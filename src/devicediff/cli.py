@@ -51,6 +51,9 @@ def cmd_run(args) -> int:
         for name in args.only:
             study.config(name)  # unknown name: StudyError
     preflight(study)
+    if args.executor == "ray" and args.jobs != 1:
+        print(f"devicediff: note: --jobs {args.jobs} is for the local executor and is ignored with --executor ray, "
+              "which runs as many runs at once as the cluster's CPUs and GPUs hold", file=sys.stderr)
     executor = make_executor(args.executor, jobs=args.jobs, slots_per_gpu=args.gpu_slots, address=args.address)
     store = _store(args)
     console = wide_console()

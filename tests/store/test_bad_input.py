@@ -145,6 +145,15 @@ def test_an_unreachable_ray_address_writes_nothing(study, tmp_path):
     assert not db.exists() and not (tmp_path / "s_artifacts").exists()
 
 
+def test_jobs_with_ray_is_named_as_ignored(study, tmp_path):
+    r = devicediff("run", str(study), "--store", str(tmp_path / "s.db"), "--executor", "ray", "--jobs", "4",
+                   "--address", f"127.0.0.1:{_refused_port()}", "-q", cwd=tmp_path)
+    assert r.returncode == 2
+    note, error = r.stderr.strip().splitlines()
+    assert "--jobs 4" in note and "ignored with --executor ray" in note
+    assert error.startswith("devicediff: error:")
+
+
 def test_ray_addresses_are_parsed_before_anything_else():
     from devicediff.cli import UsageError
     from devicediff.executors.ray import check_reachable, host_port
