@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from devicediff import Batch, Workload
+from devicediff import Batch, Workload, epoch_order
 
 
 class LinearRegression(Workload):
@@ -45,7 +45,7 @@ class LinearRegression(Workload):
         return len(self.x) // self.batch_size
 
     def train_batches(self, data_seed: int, epoch: int):
-        order = torch.from_numpy(np.random.default_rng([data_seed, epoch]).permutation(len(self.x)))
+        order = torch.from_numpy(epoch_order(data_seed, epoch, len(self.x)))
         for i in range(self.steps_per_epoch()):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield Batch((self.x[idx], self.y[idx]))

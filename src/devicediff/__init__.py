@@ -10,7 +10,7 @@ Library use::
 
 __version__ = "0.1.0"
 
-from devicediff.spec import Batch, Workload  # noqa: E402
+from devicediff.spec import Batch, Workload, epoch_order  # noqa: E402
 from devicediff.study import ExecConfig, Study, StudyError, load_study, parse_study  # noqa: E402
 
 
@@ -26,4 +26,4 @@ def __getattr__(name):  # lazy: keep `import devicediff` light (no pandas/torch)
     raise AttributeError(name)
 
 
-__all__ = ["Batch", "Workload", "ExecConfig", "Study", "StudyError", "load_study", "parse_study", "run_study", "open_store"]
+__all__ = ["Batch", "Workload", "epoch_order", "ExecConfig", "Study", "StudyError", "load_study", "parse_study", "run_study", "open_store"]

@@ -10,8 +10,8 @@ a workload must follow three rules:
    alone (the loop moves it to the device afterwards), so every config starts
    from the same bits.
 2. ``train_batches(data_seed, epoch)`` yields CPU tensors whose order comes from
-   a CPU generator seeded from ``data_seed`` and ``epoch`` alone, so every config
-   sees the same batches.
+   a CPU generator seeded from ``data_seed`` and ``epoch`` alone (:func:`epoch_order`),
+   so every config sees the same batches.
 3. Nothing else draws random numbers during training (no dropout on device
    RNGs), or if it does, it says so in ``describe()``.
 
@@ -26,6 +26,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
+
+
+def epoch_order(data_seed: int, epoch: int, n: int):
+    """The order of ``n`` training examples in ``epoch``: a permutation (numpy int64 array)
+    from numpy's ``default_rng([data_seed, epoch])``, on the CPU. Every built-in workload,
+    in PyTorch and in Chainer, takes its batches in this order, so every config (and both
+    frameworks) sees the same batches whatever the device; a user's workload should too."""
+    import numpy as np  # here, so that this module stays standard library at import
+
+    return np.random.default_rng([int(data_seed), int(epoch)]).permutation(n)
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,7 @@ class Workload(ABC):
     @abstractmethod
     def train_batches(self, data_seed: int, epoch: int) -> Iterable[Batch]:
         """Batches of one epoch, order drawn from a CPU generator seeded by
-        ``(data_seed, epoch)``."""
+        ``(data_seed, epoch)``: :func:`epoch_order`."""
 
     @abstractmethod
     def steps_per_epoch(self) -> int:

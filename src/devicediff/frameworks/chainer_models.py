@@ -44,6 +44,8 @@ import chainer.links as L
 import numpy as np
 from chainer import Variable
 
+from devicediff.spec import epoch_order
+
 FRAME_BUFFERS = ("reused", "fresh")
 
 
@@ -251,7 +253,7 @@ class ChainerAutoencoder:
         return len(self.train_x) // self.batch_size
 
     def train_batches(self, data_seed: int, epoch: int) -> Iterator[Batch]:
-        order = np.random.default_rng([data_seed, epoch]).permutation(len(self.train_x))
+        order = epoch_order(data_seed, epoch, len(self.train_x))
         for i in range(self.steps_per_epoch()):
             yield Batch(self.train_x[order[i * self.batch_size : (i + 1) * self.batch_size]])
 
@@ -454,7 +456,7 @@ class ChainerPredNet:
         return (len(self.train_x) // self.batch_size) * self.windows_per_sequence()
 
     def train_batches(self, data_seed: int, epoch: int) -> Iterator[Batch]:
-        order = np.random.default_rng([int(data_seed), int(epoch)]).permutation(len(self.train_x))
+        order = epoch_order(data_seed, epoch, len(self.train_x))
         b, pairs = self.batch_size, self.sequence_length - 1
         for s in range(len(self.train_x) // b):
             seqs = self.train_x[order[s * b : (s + 1) * b]]

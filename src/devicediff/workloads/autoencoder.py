@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from devicediff.data.mnist import DataError, load_mnist
-from devicediff.spec import Batch, Workload
+from devicediff.spec import Batch, Workload, epoch_order
 
 
 FAULTS = ("none", "drop_bias")  # planted faults (per-config params) that `devicediff diverge` must catch
@@ -95,7 +95,7 @@ class Autoencoder(Workload):
         return len(self.train_x) // self.batch_size  # drop the last partial batch
 
     def train_batches(self, data_seed: int, epoch: int) -> Iterator[Batch]:
-        order = np.random.default_rng([data_seed, epoch]).permutation(len(self.train_x))
+        order = epoch_order(data_seed, epoch, len(self.train_x))
         order = torch.from_numpy(order)
         for i in range(self.steps_per_epoch()):
             yield Batch(self.train_x[order[i * self.batch_size : (i + 1) * self.batch_size]])

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from devicediff.data.mnist import DataError
-from devicediff.spec import Batch, Workload
+from devicediff.spec import Batch, Workload, epoch_order
 from devicediff.workloads.prednet.model import VARIANTS, PredNet, build_prednet
 
 FAULTS = ("none", "alias_targets")
@@ -361,7 +361,7 @@ class PredNetWorkload(Workload):
         shifted by one); consecutive windows overlap by one frame; the first
         window of each sequence has ``new_sequence=True``.
         """
-        order = np.random.default_rng([int(data_seed), int(epoch)]).permutation(len(self.train_x))
+        order = epoch_order(data_seed, epoch, len(self.train_x))
         b = self.batch_size
         pairs = self.sequence_length - 1
         for s in range(len(self.train_x) // b):
