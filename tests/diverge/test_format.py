@@ -98,3 +98,16 @@ def test_mapped_arrays_outlive_the_file(tmp_path):
     path.unlink()  # the parent deletes each file once compared
     assert back["grad/w"].shape == (10, 100) and back["grad/w"][9, 99] == 1.0
     assert not back["grad/w"].flags.writeable
+
+
+def test_assemble_step_orders_references_and_keeps_only_differing_repeats():
+    own = {"grad/b": np.float32([1, 2]), "grad/a": np.float32([3])}
+    ref = {"ref64/grad/a": np.float64([3]), "ref64/grad/b": np.float64([1, 2]), "ref64/fwd/x": np.float64([0])}
+    rep = {"grad/b": np.float32([1, 2]), "grad/a": np.float32([4])}
+    arrays, varied = fmt.assemble_step(2, own, ref, rep, free_loss=np.float32(0.5), free_weights={"w": np.ones(2)})
+    assert list(arrays) == ["grad/b", "grad/a", "ref64/grad/b", "ref64/grad/a", "ref64/fwd/x", "rep/grad/a",
+                            "free/loss/loss", "free/weight/w", "meta/step", "meta/repeat"]
+    assert varied and int(arrays["meta/step"]) == 2 and int(arrays["meta/repeat"]) == 1
+    same, varied = fmt.assemble_step(3, own, ref, dict(own))
+    assert not varied and not any(k.startswith(("rep/", "free/")) for k in same) and int(same["meta/repeat"]) == 1
+    assert int(fmt.assemble_step(4, own, ref)[0]["meta/repeat"]) == 0

@@ -81,6 +81,36 @@ def _as_array(v) -> np.ndarray:
     return a
 
 
+def assemble_step(step: int, own: Mapping[str, np.ndarray], ref64: Mapping[str, np.ndarray],
+                  repeat: Mapping[str, np.ndarray] | None = None, free_loss=None,
+                  free_weights: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], bool]:
+    """One step file's arrays, as every framework's lockstep side writes them, and whether
+    the repeat came out with other bits.
+
+    ``own``: the config's ``kind/name`` arrays in computation order; ``ref64``: the float64
+    reference's, keyed ``ref64/kind/name``, put in ``own``'s order (its own hooks may order
+    equal-time gradients otherwise), the rest after; ``repeat``: the second run of the step,
+    of which only the arrays whose bits differ are kept (``rep/...``); the free-running copy's
+    loss and weights; ``meta/step`` and ``meta/repeat``.
+    """
+    arrays = dict(own)
+    arrays.update({k: ref64[k] for k in (f"ref64/{a}" for a in own) if k in ref64})
+    arrays.update({k: v for k, v in ref64.items() if k not in arrays})
+    varied = False
+    for k, v in (repeat or {}).items():
+        mine = own.get(k)
+        if mine is None or mine.shape != v.shape or mine.tobytes() != v.tobytes():
+            arrays[f"rep/{k}"] = v
+            varied = True
+    if free_loss is not None:
+        arrays[key("loss", LOSS_NAME, "free")] = free_loss
+    for name, a in (free_weights or {}).items():
+        arrays[key("weight", name, "free")] = a
+    arrays["meta/step"] = np.int64(step)
+    arrays["meta/repeat"] = np.int64(1 if repeat is not None else 0)
+    return arrays, varied
+
+
 def write_step(directory: str | os.PathLike, step: int, arrays: Mapping[str, object]) -> Path:
     """Write one step's arrays (insertion order kept) atomically; return the path.
 

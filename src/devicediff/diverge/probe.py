@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from devicediff.diverge.format import KINDS, LOSS_NAME, MODEL_NAME, key, write_step
+from devicediff.diverge.format import KINDS, LOSS_NAME, MODEL_NAME, assemble_step, key, write_step
 from devicediff.frameworks.torch_loop import Ctx, state_sha256, sync
 from devicediff.protocol import FINISHED
 from devicediff.spec import Batch, Workload, iter_batches, move_to
@@ -406,24 +406,11 @@ def run_lockstep(ctx: Ctx) -> None:
         t4 = time.perf_counter()
         timing["free"] = t4 - t3
 
-        arrays = _flatten(res, None)
-        # The reference in the config's key order (its own hooks may order equal-time grads otherwise).
-        ref_flat = _flatten(ref, "ref64")
-        arrays.update({k: ref_flat[k] for k in (f"ref64/{a}" for a in list(arrays)) if k in ref_flat})
-        arrays.update({k: v for k, v in ref_flat.items() if k not in arrays})
-        if res2 is not None:
-            rep_flat = _flatten(res2, None)
-            for k, v in rep_flat.items():
-                mine = arrays.get(k)
-                if mine is None or mine.shape != v.shape or mine.tobytes() != v.tobytes():
-                    arrays[f"rep/{k}"] = v
-                    varied = True
-        if free_res is not None:
-            arrays[key("loss", LOSS_NAME, "free")] = to_numpy(free_res["loss"][LOSS_NAME])
-            for name, t in free_res["weight"].items():
-                arrays[key("weight", name, "free")] = to_numpy(t)
-        arrays["meta/step"] = np.int64(step)
-        arrays["meta/repeat"] = np.int64(1 if res2 is not None else 0)
+        arrays, step_varied = assemble_step(
+            step, _flatten(res, None), _flatten(ref, "ref64"), _flatten(res2, None) if res2 is not None else None,
+            free_loss=to_numpy(free_res["loss"][LOSS_NAME]) if free_res is not None else None,
+            free_weights={n: to_numpy(t) for n, t in free_res["weight"].items()} if free_res is not None else None)
+        varied = varied or step_varied
         t5 = time.perf_counter()
         timing["gather"] = t5 - t4
         # The file is written by a helper thread while the next step computes (numpy releases

@@ -533,7 +533,7 @@ def _flatten(result: dict, prefix: str | None) -> dict:
 def run_lockstep(ctx: Ctx) -> None:
     import chainer
 
-    from devicediff.diverge.format import LOSS_NAME, key, write_step
+    from devicediff.diverge.format import LOSS_NAME, assemble_step, write_step
     from devicediff.frameworks.chainer_models import FrameFeeder, TorchFormulaAdam, make_adam
 
     ls = ctx.job["lockstep"]
@@ -608,22 +608,11 @@ def run_lockstep(ctx: Ctx) -> None:
         t4 = time.perf_counter()
         timing["free"] = t4 - t3
 
-        arrays = _flatten(res, None)
-        ref_flat = _flatten(ref, "ref64")
-        arrays.update({k: ref_flat[k] for k in (f"ref64/{a}" for a in list(arrays)) if k in ref_flat})
-        arrays.update({k: v for k, v in ref_flat.items() if k not in arrays})
-        if res2 is not None:
-            for k, v in _flatten(res2, None).items():
-                mine = arrays.get(k)
-                if mine is None or mine.shape != v.shape or mine.tobytes() != v.tobytes():
-                    arrays[f"rep/{k}"] = v
-                    varied = True
-        if free_res is not None:
-            arrays[key("loss", LOSS_NAME, "free")] = free_res["loss"]["loss"]
-            for name, a in free_res["weight"].items():
-                arrays[key("weight", name, "free")] = a
-        arrays["meta/step"] = np.int64(step)
-        arrays["meta/repeat"] = np.int64(1 if res2 is not None else 0)
+        arrays, step_varied = assemble_step(
+            step, _flatten(res, None), _flatten(ref, "ref64"), _flatten(res2, None) if res2 is not None else None,
+            free_loss=free_res["loss"][LOSS_NAME] if free_res is not None else None,
+            free_weights=free_res["weight"] if free_res is not None else None)
+        varied = varied or step_varied
         t5 = time.perf_counter()
         timing["gather"] = t5 - t4
         path = write_step(outdir, step, arrays)
