@@ -1,4 +1,4 @@
-"""When a loop trains, evaluates and checkpoints: shared by every framework's loop.
+"""When a loop trains, evaluates and checkpoints, and how it ends: shared by every framework's loop.
 
 Standard library only (the Chainer environment imports it too). ``ctx`` is any
 loop context with ``job``, ``workload``, ``steps_per_epoch`` and ``total_steps``.
@@ -7,7 +7,10 @@ loop context with ``job``, ``workload``, ``steps_per_epoch`` and ``total_steps``
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Iterator
+
+from devicediff.protocol import FINISHED
 
 
 def total_steps(budget: dict, steps_per_epoch: int) -> int:
@@ -52,3 +55,24 @@ def orphaned() -> bool:
     not leave files (checkpoints) behind for the next runner to pick up."""
     parent = os.environ.get("DEVICEDIFF_PARENT_PID")
     return bool(parent) and os.getppid() != int(parent)
+
+
+def finish(ctx: Any, writer: Any, artifacts: dict, *, final_sha256: str, t_start: float, train_time: float,
+           start: int, threads_used: Any) -> None:
+    """End of a run that trained to its budget: its artifacts, its checkpoint removed (there is
+    nothing left to resume), and the ``done`` record, the same fields from every framework."""
+    for name, path in artifacts.items():
+        writer.emit("artifact", name=name, path=str(path))
+    checkpoint = ctx.job.get("checkpoint_path")
+    if checkpoint and os.path.exists(checkpoint):
+        os.remove(checkpoint)
+    writer.emit(
+        "done",
+        state=FINISHED,
+        final_sha256=final_sha256,
+        wall_time=time.perf_counter() - t_start,
+        train_time=train_time,
+        steps_run=ctx.total_steps - start,
+        resumed_from=start,
+        threads_used=threads_used,
+    )

@@ -25,7 +25,7 @@ import torch
 from devicediff.fingerprint import blas_facts, fingerprint
 from devicediff.frameworks import schedule
 from devicediff.frameworks.threads import ThreadSampler
-from devicediff.protocol import FINISHED, RecordWriter, Skip
+from devicediff.protocol import RecordWriter, Skip
 from devicediff.spec import Batch, Workload, move_to
 
 
@@ -306,17 +306,5 @@ def run(job: dict, writer: RecordWriter) -> None:
     train_time = time.perf_counter() - t_train - side
 
     arts = ctx.workload.artifacts(ctx.model, ctx.device, ctx.outdir)
-    for name, path in arts.items():
-        writer.emit("artifact", name=name, path=str(path))
-    if job.get("checkpoint_path") and os.path.exists(job["checkpoint_path"]):
-        os.remove(job["checkpoint_path"])
-    writer.emit(
-        "done",
-        state=FINISHED,
-        final_sha256=state_sha256(ctx.model),
-        wall_time=time.perf_counter() - t_start,
-        train_time=train_time,
-        steps_run=ctx.total_steps - start,
-        resumed_from=start,
-        threads_used=sampler.report(),
-    )
+    schedule.finish(ctx, writer, arts, final_sha256=state_sha256(ctx.model), t_start=t_start, train_time=train_time,
+                    start=start, threads_used=sampler.report())
