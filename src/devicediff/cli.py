@@ -11,21 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
-from devicediff.study import StudyError, load_study, parse_overrides, preset_names, preset_text
+from devicediff.console import wide_console
+from devicediff.errors import DevicediffError, StudyError, UsageError  # noqa: F401 - UsageError re-exported
+from devicediff.study import load_study, parse_overrides, preset_names, preset_text
 
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A one-line user error raised by a subcommand."""
-
-
-def wide_console() -> Console:
-    """Tables stay readable when stdout is a file or a pipe (CI logs)."""
-    c = Console()
-    return c if c.is_terminal else Console(width=160)
 
 
 def _store(args, *, create: bool = True):
@@ -103,7 +93,7 @@ def cmd_env(args) -> int:
     if args.json:
         print(json.dumps(fp, indent=2, default=str))
         return 0
-    console = Console()
+    console = wide_console()
     for k, v in fp.items():
         console.print(f"[bold]{k}[/bold]: {v}", highlight=False)
     return 0
@@ -236,13 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from devicediff.data.mnist import DataError
-    from devicediff.store import StoreError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (StudyError, StoreError, DataError, UsageError) as e:
+    except DevicediffError as e:
         print(f"devicediff: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from devicediff.cli import UsageError
+from devicediff.errors import UsageError
 from devicediff.store import Store
 
 RUN_EXPORT = ["run_id", "study", "workload", "config", "seed", "init_seed", "data_seed", "repeat", "machine", "state",

@@ -21,8 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class StudyError(ValueError):
-    """A study file is malformed or inconsistent. The message is one line."""
+from devicediff.errors import StudyError  # noqa: E402,F401 - re-exported
 
 
 FRAMEWORKS = ("torch", "chainer")

@@ -27,8 +27,7 @@ import numpy as np
 SPLITS = ("train", "valid", "test")
 
 
-class DataError(ValueError):
-    """Data cannot be found or read. The message is one line with the fix."""
+from devicediff.errors import DataError  # noqa: E402,F401 - re-exported
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -68,7 +68,7 @@ def diverge_cli(args) -> int:
 
     from rich.console import Console
 
-    from devicediff.cli import wide_console
+    from devicediff.console import wide_console
     from devicediff.diverge.compare import BEYOND
     from devicediff.diverge.lockstep import DivergeError
     from devicediff.diverge.lockstep import diverge as _diverge

@@ -32,8 +32,7 @@ from devicediff.study import Cell, Study, StudyError
 SIDES = ("A", "B")
 
 
-class DivergeError(RuntimeError):
-    """A side could not run (failed, skipped, no GPU...). One line, with the log to read."""
+from devicediff.errors import DivergeError  # noqa: E402,F401 - re-exported
 
 
 def _seeds(study: Study, seed: int | None) -> tuple[int, int, int]:

@@ -35,6 +35,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from devicediff.errors import UsageError
 from devicediff.executors.base import Executor, Task, worker_env
 from devicediff.executors.local import kill_worker, place_job, run_worker
 from devicediff.protocol import FAILED, SKIPPED
@@ -45,17 +46,11 @@ TOKEN_FILE = ".driver-token"
 MAX_LOG_BYTES = 1 << 20
 
 
-def _usage_error(msg: str) -> Exception:
-    from devicediff.cli import UsageError
-
-    return UsageError(msg)
-
-
 def import_ray():
     try:
         import ray  # noqa: PLC0415 - optional dependency
     except ImportError:
-        raise _usage_error(INSTALL_HINT) from None
+        raise UsageError(INSTALL_HINT) from None
     return ray
 
 
@@ -69,7 +64,7 @@ def host_port(address: str) -> tuple[str, int] | None:
     a = a.rstrip("/")
     host, sep, port = a.rpartition(":")
     if not sep or not port.isdigit():
-        raise _usage_error(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
+        raise UsageError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -86,7 +81,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
             reason = f"no answer in {timeout:g} s"
         else:
             reason = (e.strerror or type(e).__name__).lower()
-        raise _usage_error(
+        raise UsageError(
             f"cannot reach the Ray cluster at {address} ({reason}); start it with `ray start --head` "
             "or check --address"
         ) from None
@@ -237,7 +232,7 @@ class RayExecutor(Executor):
         except Exception as e:  # noqa: BLE001 - ray raises many kinds; all mean "no cluster"
             where = f"at {address}" if address else "(local)"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise _usage_error(f"cannot connect to the Ray cluster {where}: {first[:300]}; "
+            raise UsageError(f"cannot connect to the Ray cluster {where}: {first[:300]}; "
                                "check --address and that `ray status` works there") from None
         self.ray = ray
         self.address = address

@@ -61,8 +61,7 @@ RECIPE_ID = hashlib.sha256(repr(RECIPE).encode()).hexdigest()[:12]
 _CHECK = "import chainer, numpy, sys; print(chainer.__version__, numpy.__version__, sys.version.split()[0])"
 
 
-class ChainerEnvError(RuntimeError):
-    """The Chainer environment cannot be found or made. The message is one line."""
+from devicediff.errors import EnvironmentBuildError as ChainerEnvError  # noqa: E402
 
 
 def cache_dir() -> Path:

@@ -49,8 +49,7 @@ from devicediff.spec import epoch_order
 FRAME_BUFFERS = ("reused", "fresh")
 
 
-class ChainerWorkloadError(ValueError):
-    """A workload parameter the Chainer loop cannot honour. One line."""
+from devicediff.errors import ParamError as ChainerWorkloadError  # noqa: E402
 
 
 @dataclass(frozen=True)

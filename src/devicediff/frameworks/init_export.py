@@ -50,8 +50,7 @@ TORCH_DTYPE = {
 NON_TORCH_PARAMS = ("frame_buffers", "adam")
 
 
-class InitExportError(RuntimeError):
-    """The initial weights could not be exported or loaded. One line."""
+from devicediff.errors import EnvironmentBuildError as InitExportError  # noqa: E402
 
 
 def torch_dtype_name(dtype) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from devicediff.errors import UsageError
 from devicediff.analysis import curves as curve_fns
 from devicediff.analysis import frames
 from devicediff.report import plots
@@ -36,12 +37,6 @@ __all__ = ["write_report", "analyse", "Analysis"]
 REPORT_NAME = "report.html"
 MAX_CURVES = 4
 GRID_ARTIFACT = "prediction_grid"
-
-
-def _usage(msg: str) -> Exception:
-    from devicediff.cli import UsageError
-
-    return UsageError(msg)
 
 
 @dataclass
@@ -275,7 +270,7 @@ def _figures(data: StudyData, a: Analysis, images: _Images) -> dict:
 def write_report(store: Store, out_dir: Path, study_name: str | None = None) -> Path:
     """Write ``out_dir/report.html`` and the plots as PNG files; return the HTML path.
 
-    Raises ``devicediff.cli.UsageError`` (one line) for an empty store, an unknown study name or
+    Raises ``devicediff.errors.UsageError`` (one line) for an empty store, an unknown study name or
     an output path that is not a folder.
     """
     from devicediff.report import html
@@ -285,20 +280,20 @@ def write_report(store: Store, out_dir: Path, study_name: str | None = None) -> 
     where = getattr(store, "path", None)
     where_txt = f" {where}" if where else ""
     if studies.empty:
-        raise _usage(f"the store{where_txt} holds no studies; run one first (devicediff run quick --store ...)")
+        raise UsageError(f"the store{where_txt} holds no studies; run one first (devicediff run quick --store ...)")
     if study_name is not None:
         sel = studies[studies["name"] == study_name]
         if sel.empty:
             names = ", ".join(sorted(map(str, pd.unique(studies["name"]))))
-            raise _usage(f"no study named {study_name!r} in the store{where_txt}; it holds: {names}")
+            raise UsageError(f"no study named {study_name!r} in the store{where_txt}; it holds: {names}")
     else:
         sel = studies
     if out_dir.exists() and not out_dir.is_dir():
-        raise _usage(f"--out {out_dir}: exists and is not a folder; give a folder path")
+        raise UsageError(f"--out {out_dir}: exists and is not a folder; give a folder path")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _usage(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
+        raise UsageError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
 
     views = []
     dup_names = sel["name"].duplicated(keep=False)

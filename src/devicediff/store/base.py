@@ -21,8 +21,7 @@ import pandas as pd
 from devicediff.protocol import FAILED, FINISHED, RUNNING, SKIPPED
 
 
-class StoreError(RuntimeError):
-    """The store cannot be opened or written. The message is one line with the fix."""
+from devicediff.errors import StoreError  # noqa: E402,F401 - re-exported
 
 
 @dataclass(frozen=True)

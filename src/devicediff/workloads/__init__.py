@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from devicediff.spec import Workload
-from devicediff.study import StudyError
+from devicediff.errors import StudyError
 
 BUILTIN = {
     "autoencoder": "devicediff.workloads.autoencoder:make",
