@@ -49,22 +49,23 @@ from devicediff.diverge.lockstep import diverge  # noqa: E402
 from devicediff.executors.base import Task, worker_env  # noqa: E402
 from devicediff.executors.local import run_worker  # noqa: E402
 from devicediff.runner import build_job, python_for  # noqa: E402
-from devicediff.study import Cell, load_study, parse_overrides  # noqa: E402
+from devicediff.study import load_study, parse_overrides  # noqa: E402
 
 REF64 = textwrap.dedent(
     """
     import json, sys, time
     import torch
-    from devicediff.frameworks.torch_loop import load_workload
+    from devicediff.frameworks.torch.backend import load_workload
+    from devicediff.frameworks.torch.lockstep import cast_floats
+    from devicediff.job import Job
     from devicediff.spec import iter_batches
-    from devicediff.diverge.probe import cast_floats
-    job, n = json.loads(sys.argv[1]), int(sys.argv[2])
-    torch.set_num_threads(int(job["config"].get("threads") or torch.get_num_threads()))
+    job, n = Job.from_json(sys.argv[1]), int(sys.argv[2])
+    torch.set_num_threads(int(job.config.get("threads") or torch.get_num_threads()))
     torch.set_default_dtype(torch.float64)
     wl = load_workload(job)
-    model = wl.build_model(int(job["init_seed"])).double()
+    model = wl.build_model(int(job.init_seed)).double()
     opt = wl.make_optimizer(model)
-    batches = list(iter_batches(wl.train_batches(int(job["data_seed"]), 0)))
+    batches = list(iter_batches(wl.train_batches(int(job.data_seed), 0)))
     def step(b):
         opt.zero_grad(set_to_none=True)
         wl.loss(model, type(b)(cast_floats(b.data, torch.float64), b.new_sequence)).backward()
@@ -84,14 +85,12 @@ def plain_train_time(study, cfg_name: str, steps: int, workdir: Path) -> float:
     from dataclasses import replace
 
     st = replace(study, budget=replace(study.budget, steps=steps, epochs=None, metric_every=10**6))
-    cell = Cell(st.config(cfg_name), 0, 0, 0)
+    cell = st.cell(st.config(cfg_name), 0)
     run_dir = workdir / f"plain-{cfg_name}-{steps}-{time.time_ns()}"
     run_dir.mkdir(parents=True)
-    job = build_job(st, cell, "bench", run_dir)
-    job["checkpoint_path"] = None
-    job["snapshots"] = False
+    job = build_job(st, cell, "bench", run_dir).with_(checkpoint_path=None, snapshots=False)
     task = Task(run_id="bench", job=job, cpus=cell.config.threads or 1, gpus=int(cell.config.is_gpu),
-                log_path=str(run_dir / "worker.log"), python=python_for(cell))
+                log_path=str(run_dir / "worker.log"), python=python_for(cell.config))
     recs = []
     run_worker(task, worker_env(job, gpu_index=0 if cell.config.is_gpu else None), None, recs.append)
     done = recs[-1]
@@ -101,10 +100,10 @@ def plain_train_time(study, cfg_name: str, steps: int, workdir: Path) -> float:
 
 
 def ref64_step(study, cfg_name: str, n: int, workdir: Path) -> float:
-    cell = Cell(study.config(cfg_name), 0, 0, 0)
+    cell = study.cell(study.config(cfg_name), 0)
     job = build_job(study, cell, "bench", workdir)
     env = worker_env(job)
-    out = subprocess.run([sys.executable, "-c", REF64, json.dumps(job), str(n)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", REF64, job.to_json(), str(n)], capture_output=True, text=True,
                          env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["ref64_step"]
 

@@ -30,7 +30,7 @@ BARE = textwrap.dedent(
     """
     import json, sys, time
     import numpy as np, torch
-    from devicediff.workloads.autoencoder import Autoencoder
+    from devicediff.workloads.autoencoder.workload import Autoencoder
     a = json.loads(sys.argv[1])
     torch.set_num_threads(a["threads"])
     wl = Autoencoder(sizes=a["sizes"], batch_size=a["batch"], train_size=a["train_size"])  # same data arrays

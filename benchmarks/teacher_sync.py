@@ -1,4 +1,4 @@
-"""Cost of diverge's teacher-state copy (``probe.teacher_sync``) on one device.
+"""Cost of diverge's teacher-state copy (``frameworks.torch.lockstep.teacher_sync``) on one device.
 
 Each lockstep step starts by rounding the float64 reference state to the
 config's dtype and loading it into the working model and optimizer. This times
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from devicediff.diverge.format import write_step  # noqa: E402
-from devicediff.diverge.probe import clone_state, teacher_sync  # noqa: E402
+from devicediff.stepfiles import write_step  # noqa: E402
+from devicediff.frameworks.torch.lockstep import clone_state, teacher_sync  # noqa: E402
 
 
 def load_state_dict_round_trip(m, opt, m64, opt64) -> None:

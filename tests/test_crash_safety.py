@@ -285,22 +285,30 @@ def test_runner_killed_at_random_moments_twenty_times(tmp_path):
 
 
 def _ctx(tmp_path: Path, seed: int = 0):
+    """A PyTorch backend of the synthetic workload, built in this process."""
+    import io
+
     import torch
 
-    from devicediff.frameworks.torch_loop import Ctx
-    from synthetic import make
+    from devicediff.frameworks.torch.backend import TorchBackend
+    from devicediff.job import Job
+    from devicediff.protocol import RecordWriter
 
-    wl = make()
-    model = wl.build_model(seed)
-    opt = wl.make_optimizer(model)
-    job = {"checkpoint_path": str(tmp_path / "checkpoint.pt"), "budget": {}}
-    return Ctx(job, None, wl, model, model, opt, torch.device("cpu"), 100, wl.steps_per_epoch(), tmp_path)
+    job = Job(run_id="ckpt", workload=f"{ROOT / 'tests' / 'executors' / 'synthetic.py'}:make", config={"name": "c"},
+              init_seed=seed, data_seed=0, budget={"steps": 100}, artifact_dir=str(tmp_path),
+              checkpoint_path=str(tmp_path / "checkpoint.pt"))
+    threads = torch.get_num_threads()
+    try:
+        return TorchBackend(job, RecordWriter(io.StringIO()))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_checkpoints_round_trip_with_weights_only(tmp_path, monkeypatch):
     import torch
 
-    from devicediff.frameworks.torch_loop import load_checkpoint, save_checkpoint, state_sha256
+    from devicediff.frameworks._driver import load_checkpoint, save_checkpoint
+    from devicediff.frameworks.torch.backend import state_sha256
 
     monkeypatch.delenv("DEVICEDIFF_PARENT_PID", raising=False)
     a = _ctx(tmp_path, seed=0)
@@ -322,7 +330,8 @@ def test_checkpoints_round_trip_with_weights_only(tmp_path, monkeypatch):
 
 
 def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_over(tmp_path):
-    from devicediff.frameworks.torch_loop import load_checkpoint, state_sha256
+    from devicediff.frameworks._driver import load_checkpoint
+    from devicediff.frameworks.torch.backend import state_sha256
 
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00garbage, not a torch file")
     c = _ctx(tmp_path)
@@ -333,7 +342,7 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_over(tmp_path)
 
 
 def test_an_orphaned_worker_writes_no_checkpoint(tmp_path, monkeypatch):
-    from devicediff.frameworks.torch_loop import save_checkpoint
+    from devicediff.frameworks._driver import save_checkpoint
 
     monkeypatch.setenv("DEVICEDIFF_PARENT_PID", str(os.getppid() + 1000000))  # not our parent: the runner is gone
     with pytest.raises(SystemExit):

@@ -6,6 +6,11 @@ Library use::
     study = load_study("quick")
     with open_store("devicediff.db") as store:
         run_study(study, store)
+
+In a notebook (docs/notebook.md)::
+
+    store = open_store("devicediff.db", readonly=True)
+    store.runs(), store.metrics(), store.verdicts()   # pandas DataFrames
 """
 
 __version__ = "0.1.0"
@@ -20,10 +25,16 @@ def __getattr__(name):  # lazy: keep `import devicediff` light (no pandas/torch)
 
         return run_study
     if name == "open_store":
-        from devicediff.store import open_store
-
-        return open_store
+        return _open_store
     raise AttributeError(name)
+
+
+def _open_store(url: str = "devicediff.db", *, create: bool = True, readonly: bool = False):
+    """A store with the notebook API: ``runs()``, ``metrics()``, ``verdicts()`` (pandas DataFrames)."""
+    from devicediff.analysis.load import StoreView
+    from devicediff.store import open_store
+
+    return StoreView(open_store(url, create=create, readonly=readonly))
 
 
 __all__ = ["Batch", "Workload", "epoch_order", "ExecConfig", "Study", "StudyError", "load_study", "parse_study", "run_study", "open_store"]

@@ -1,4 +1,4 @@
-"""``devicediff``: command-line interface.
+"""The devicediff command-line interface.
 
 Every user error (bad study, bad store, bad data) ends with one line on stderr
 naming what is wrong and how to fix it, exit code 2, and nothing written.
@@ -8,20 +8,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+from devicediff import __version__
 
 from devicediff.console import wide_console
 from devicediff.errors import DevicediffError, StudyError, UsageError  # noqa: F401 - UsageError re-exported
 from devicediff.study import load_study, parse_overrides, preset_names, preset_text
 
-EXIT_USAGE = 2
+# Exit codes (docs/cli.md): 0 every run finished (or was skipped for want of a device); 1 diverge
+# found a difference beyond rounding; 2 a usage error (nothing written); 3 some run failed or
+# went NaN; 130 interrupted (Ctrl-C: unfinished runs are marked interrupted and resume).
+EXIT_BEYOND, EXIT_USAGE, EXIT_FAILED_RUNS, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
-def _store(args, *, create: bool = True):
+def _store(args, *, create: bool = True, readonly: bool = False):
     from devicediff.store import open_store
 
-    return open_store(args.store, create=create)
+    return open_store(args.store, create=create, readonly=readonly)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -31,7 +40,7 @@ def cmd_run(args) -> int:
     from devicediff.executors import make_executor
     from devicediff.progress import Progress
     from devicediff.runner import preflight, run_study
-    from devicediff.summary import print_study
+    from devicediff.tables import print_study
 
     overrides = parse_overrides(args.set)
     if args.data:
@@ -40,7 +49,7 @@ def cmd_run(args) -> int:
     if args.only:
         for name in args.only:
             study.config(name)  # unknown name: StudyError
-    preflight(study)
+    pythons = preflight(study, args.only)
     if args.executor == "ray" and args.jobs != 1:
         print(f"devicediff: note: --jobs {args.jobs} is for the local executor and is ignored with --executor ray, "
               "which runs as many runs at once as the cluster's CPUs and GPUs hold", file=sys.stderr)
@@ -50,34 +59,44 @@ def cmd_run(args) -> int:
     progress = Progress(enabled=not args.quiet, jobs=args.jobs)
     try:
         run_study(study, store, store_path=args.store, executor=executor, retry_failed=args.retry_failed,
-                  progress=progress, only_configs=args.only)
+                  progress=progress, only_configs=args.only, pythons=pythons)
         print_study(console, study, store)
         store_arg = "" if args.store == "devicediff.db" else f" --store {args.store}"
         console.print(f"runs stored in {args.store}; next: devicediff report{store_arg} --out report/", highlight=False)
+        failed = failed_runs(store, study, args.only)
     finally:
         executor.close()
         store.close()
+    if failed:
+        print(f"devicediff: {failed} run(s) failed or diverged (see the table above and each run's worker.log); "
+              f"exit {EXIT_FAILED_RUNS}", file=sys.stderr)
+        return EXIT_FAILED_RUNS
     return 0
 
 
-def cmd_status(args) -> int:
-    from devicediff.study import study_from_definition
-    from devicediff.summary import print_study
+def failed_runs(store, study, only: list[str] | None) -> int:
+    """Runs of ``study`` in the store (its selected configs) whose state is ``failed``."""
+    runs = store.runs(study.study_id)
+    if only and len(runs):
+        runs = runs[runs["config"].isin(only)]
+    return int((runs["state"] == "failed").sum()) if len(runs) else 0
 
-    store = _store(args, create=False)
+
+def cmd_status(args) -> int:
+    from devicediff.tables import print_per_seed, print_study
+
+    store = _store(args, create=False, readonly=True)
     console = wide_console()
-    studies = store.studies()
-    if studies.empty:
-        console.print("the store holds no studies yet")
-    for _, s in studies.iterrows():
-        d = s["definition"]
-        try:
-            study = study_from_definition(s["name"], d)
-        except StudyError as e:
-            console.print(f"{s['name']}: cannot re-read definition ({e})")
-            continue
-        print_study(console, study, store, verdicts=False)
-    store.close()
+    try:
+        studies = store.studies()
+        if studies.empty:
+            console.print("the store holds no studies yet")
+        for _, s in studies.iterrows():
+            print_study(console, s["study_id"], store, verdicts=False)
+            if args.per_seed:
+                print_per_seed(console, s["study_id"], store)
+    finally:
+        store.close()
     return 0
 
 
@@ -115,10 +134,22 @@ def cmd_presets(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from devicediff.export import export
-
-    store = _store(args, create=False)
+    if args.format == "mlflow":
+        if not args.tracking_uri:
+            raise UsageError("--format mlflow needs --tracking-uri URI (e.g. sqlite:///mlflow.db or http://host:5000)")
+    elif not args.out:
+        raise UsageError(f"--format {args.format} needs --out DIR")
+    store = _store(args, create=False, readonly=True)
     try:
+        if args.format == "mlflow":
+            from devicediff.analysis.load import verdicts
+            from devicediff.export.mlflow import export_mlflow
+
+            print(export_mlflow(store, args.tracking_uri, experiment=args.experiment, study=args.study,
+                                verdicts=verdicts(store, args.study)))
+            return 0
+        from devicediff.export import export
+
         paths = export(store, Path(args.out), fmt=args.format)
     finally:
         store.close()
@@ -130,7 +161,7 @@ def cmd_export(args) -> int:
 def cmd_report(args) -> int:
     from devicediff.report import write_report
 
-    store = _store(args, create=False)
+    store = _store(args, create=False, readonly=True)
     try:
         path = write_report(store, Path(args.out), study_name=args.study)
     finally:
@@ -140,13 +171,75 @@ def cmd_report(args) -> int:
 
 
 def cmd_diverge(args) -> int:
-    from devicediff.diverge import diverge_cli
+    """Print the tables and the summary line, store the payload; exit 0 (identical or rounding),
+    1 (beyond rounding) or 2 (a side could not run: ``DivergeError``)."""
+    from devicediff.diverge import BEYOND, diverge, print_divergence
 
-    return diverge_cli(args)
+    study = load_study(args.study, overrides=parse_overrides(args.set) or None)
+    study.config(args.a)  # unknown names fail here, before anything runs
+    study.config(args.b)
+    console = wide_console()
+    store = _store(args)
+    try:
+        with step_reporter(f"diverge: {args.a} (A) and {args.b} (B) in lockstep, {args.steps} steps") as on_step:
+            payload = diverge(study, args.a, args.b, steps=args.steps, seed=args.seed, threshold=args.threshold,
+                              store=store, store_path=args.store, on_step=on_step)
+    finally:
+        store.close()
+    print_divergence(console, payload)
+    return EXIT_BEYOND if payload["summary"]["verdict"] == BEYOND else 0
+
+
+@contextmanager
+def step_reporter(title: str):
+    """``on_step(side, step, total)`` for long work: a live line on a terminal, else one line
+    per step on stderr (CI logs), so progress shows either way."""
+    err = wide_console(stderr=True)
+    seen: dict[str, int] = {}
+    t0 = time.perf_counter()
+
+    def text(total: int) -> str:
+        return (f"{title}: A step {seen.get('A', 0)}/{total}, B step {seen.get('B', 0)}/{total} "
+                f"({time.perf_counter() - t0:.0f} s)")
+
+    if err.is_terminal:
+        with err.status(title) as status:
+            def on_step(side: str, step: int, total: int) -> None:
+                seen[side] = step
+                status.update(text(total))
+
+            yield on_step
+    else:
+        print(f"{title}: starting both sides", file=sys.stderr, flush=True)
+
+        def on_step(side: str, step: int, total: int) -> None:
+            seen[side] = step
+            print(text(total), file=sys.stderr, flush=True)
+
+        yield on_step
+
+
+def cmd_chainer_gradients(args) -> int:
+    """The first window of a study's Chainer config with reused vs fresh frame buffers, as JSON."""
+    from devicediff.executors.base import worker_env
+    from devicediff.runner import build_job, preflight
+
+    study = load_study(args.study, overrides=parse_overrides(args.set) or None)
+    cfgs = [c for c in study.configs if c.framework == "chainer" and (args.config is None or c.name == args.config)]
+    if not cfgs:
+        raise UsageError(f"study {study.name!r} has no Chainer config{' named ' + repr(args.config) if args.config else ''}")
+    seed = study.seeds[0] if args.seed is None else args.seed
+    cell = study.cell(cfgs[0], seed)
+    python = preflight(study, [cfgs[0].name])[cfgs[0].name]
+    with tempfile.TemporaryDirectory(prefix="devicediff_gradients_") as tmp:
+        job = build_job(study, cell, "gradients", Path(tmp))
+        r = subprocess.run([python, "-m", "devicediff.frameworks.chainer.gradients"], input=job.to_json(),
+                           text=True, env=worker_env(job))
+    return r.returncode
 
 
 def cmd_merge(args) -> int:
-    from devicediff.merge import merge_stores
+    from devicediff.store.merge import merge_stores
 
     added = merge_stores([str(p) for p in args.stores], args.out)
     print(f"merged into {args.out}: {added} new run(s)")
@@ -167,7 +260,10 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="devicediff", description=__doc__.splitlines()[0].strip("`: "))
+    p = argparse.ArgumentParser(prog="devicediff", description="Does the hardware or software configuration change "
+                                "what my network learns? Train a workload under a matrix of execution configs and seeds, "
+                                "get a verdict, and find where two configs part ways.")
+    p.add_argument("--version", action="version", version=f"devicediff {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_store(sp):
@@ -188,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     r.set_defaults(func=cmd_run)
 
-    with_store(sub.add_parser("status", help="what the store holds")).set_defaults(func=cmd_status)
+    st = with_store(sub.add_parser("status", help="what the store holds"))
+    st.add_argument("--per-seed", action="store_true", help="also a config x seed table of the primary metric")
+    st.set_defaults(func=cmd_status)
 
     e = sub.add_parser("env", help="this machine's environment fingerprint")
     e.add_argument("--json", action="store_true")
@@ -198,9 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("name", nargs="?")
     pr.set_defaults(func=cmd_presets)
 
-    x = with_store(sub.add_parser("export", help="write runs and metrics as CSV or Parquet"))
-    x.add_argument("--format", choices=["csv", "parquet"], default="csv")
-    x.add_argument("--out", required=True)
+    x = with_store(sub.add_parser("export", help="runs, metrics and verdicts as CSV or Parquet, or into MLflow"))
+    x.add_argument("--format", choices=["csv", "parquet", "mlflow"], default="csv")
+    x.add_argument("--out", help="folder for the tables (csv, parquet)")
+    x.add_argument("--tracking-uri", help="MLflow tracking URI (with --format mlflow), e.g. sqlite:///mlflow.db")
+    x.add_argument("--experiment", help="MLflow experiment for every run (default: one per study)")
+    x.add_argument("--study", help="only this study (name or id)")
     x.set_defaults(func=cmd_export)
 
     rep = with_store(sub.add_parser("report", help="write report.html and PNG plots"))
@@ -218,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a workload parameter")
     d.set_defaults(func=cmd_diverge)
 
+    g = sub.add_parser("chainer-gradients",
+                       help="reused vs fresh frame buffers: gradient error of a Chainer config's first window")
+    g.add_argument("study", help="a .toml study file or a preset name with a Chainer config")
+    g.add_argument("--config", default=None, help="the Chainer config (default: the first)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a workload parameter")
+    g.set_defaults(func=cmd_chainer_gradients)
+
     m = sub.add_parser("merge", help="merge stores from several machines")
     m.add_argument("stores", nargs="+")
     m.add_argument("--out", required=True)
@@ -234,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("devicediff: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

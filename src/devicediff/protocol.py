@@ -19,7 +19,7 @@ Record kinds (every record has ``"kind"``):
 ``weights``    ``step``, ``sha256``, optional ``path`` of a saved snapshot (.npy)
 ``artifact``   ``name``, ``path``
 ``progress``   ``step``, ``total``
-``lockstep``   ``step``, ``path`` of the step's tensor file (``devicediff.diverge.format``), ``total``, ``timing``
+``lockstep``   ``step``, ``path`` of the step's tensor file (``devicediff.stepfiles``), ``total``, ``timing``
 ``done``       ``state`` (finished/failed/skipped), ``error``, ``final_sha256``,
                ``wall_time``, ``threads_used``
 =============  =================================================================
@@ -34,7 +34,8 @@ from typing import Any, Iterator, TextIO
 RECORD_FD_ENV = "DEVICEDIFF_RECORD_FD"
 
 FINISHED, FAILED, SKIPPED, RUNNING = "finished", "failed", "skipped", "running"
-STATES = (FINISHED, FAILED, SKIPPED, RUNNING)
+INTERRUPTED = "interrupted"  # started, then the runner was stopped (Ctrl-C); runs again on resume
+STATES = (FINISHED, FAILED, SKIPPED, RUNNING, INTERRUPTED)
 
 
 class Skip(Exception):

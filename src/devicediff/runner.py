@@ -1,9 +1,12 @@
-"""Run a study: expand the matrix into cells, skip what the store already has,
-hand the rest to an executor, and write every record into the store.
+"""Run a study: check everything, expand the matrix into cells, skip what the store already
+has, hand the rest to an executor, and write every record into the store.
 
-Resuming is the default: a run that finished (or failed, or was skipped: a
-failure is a result) is kept; one left ``running`` by a killed runner runs
-again, from its last checkpoint where one exists.
+``preflight`` checks everything a user can get wrong before anything is written: the
+workload's parameters (each config's, through its framework), the data, and each config's
+environment (the Chainer environment is made here if needed). Resuming is the default: a run
+that finished (or failed, or was skipped: a failure is a result) is kept; one left
+``running`` or ``interrupted`` by a stopped runner runs again, from its last checkpoint
+where one exists.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devicediff import frameworks
+from devicediff.errors import StudyError
 from devicediff.executors import Executor, LocalExecutor, Task
 from devicediff.fingerprint import host_facts, machine_id
+from devicediff.job import Job, Lockstep
 from devicediff.progress import Progress
-from devicediff.protocol import FAILED, FINISHED, SKIPPED
+from devicediff.protocol import FAILED, FINISHED, INTERRUPTED, SKIPPED
 from devicediff.store import RunInfo, Store
-from devicediff.study import Cell, Study
-from devicediff.workloads import resolve_workload_name
+from devicediff.study import Cell, ExecConfig, Study
+from devicediff.workloads import make_workload, resolve_workload_name, twin
 
 
 def run_id_for(study: Study, cell: Cell, machine: str) -> str:
@@ -37,51 +43,57 @@ def artifacts_root(store_path: str) -> Path:
     return p.with_name(p.stem + "_artifacts")
 
 
-def build_job(study: Study, cell: Cell, run_id: str, run_dir: Path) -> dict:
-    cfg = cell.config.to_dict()
-    return {
-        "run_id": run_id,
-        "study": study.name,
-        "workload": resolve_workload_name(study.workload, study.directory),
-        "workload_params": study.workload_params,
-        "config": cfg,
-        "seed": cell.seed,
-        "init_seed": cell.init_seed,
-        "data_seed": cell.data_seed,
-        "repeat": cell.repeat,
-        "budget": {k: v for k, v in vars(study.budget).items()},
-        "artifact_dir": str(run_dir),
-        "checkpoint_path": str(run_dir / "checkpoint.pt"),
-        "torch_python": sys.executable,  # builds initial weights for other frameworks (init_export)
-    }
+def build_job(study: Study, cell: Cell, run_id: str, run_dir: Path, *, lockstep: Lockstep | None = None) -> Job:
+    """The one place a job is made: a training run, or (with ``lockstep``) a diverge side,
+    which keeps no checkpoints and no weight snapshots."""
+    fw = frameworks.get(cell.config.framework)
+    return Job(
+        run_id=run_id,
+        study=study.name,
+        workload=resolve_workload_name(study.workload, study.directory),
+        workload_params=dict(study.workload_params),
+        config=cell.config.to_dict(),
+        seed=cell.seed,
+        init_seed=cell.init_seed,
+        data_seed=cell.data_seed,
+        repeat=cell.repeat,
+        dropout_seed=cell.dropout_seed,
+        noise_seed=cell.noise_seed,
+        portable_random=study.portable_random,
+        budget=dict(vars(study.budget)),
+        artifact_dir=str(run_dir),
+        checkpoint_path=None if lockstep else str(run_dir / fw.checkpoint_file),
+        snapshots=lockstep is None,
+        lockstep=lockstep,
+        torch_python=sys.executable,  # builds initial weights for other frameworks (init_export)
+    )
 
 
-def preflight(study: Study) -> None:
-    """Build the workload once per distinct parameter set in this process, so a
-    bad parameter or unreadable data fails with one line before any run starts
-    and before the store is touched."""
-    from devicediff.workloads import make_workload
+def python_for(config: ExecConfig) -> str:
+    """The interpreter of a config's workers: its own ``python``, else its framework's."""
+    return config.python or frameworks.get(config.framework).python()
 
+
+def preflight(study: Study, configs: list[str] | None = None) -> dict[str, str]:
+    """Everything checked before the store is touched: each config's interpreter (making the
+    Chainer environment if needed), that its framework has a version of the workload, and the
+    workload built once per distinct parameter set in this process (parameters, ranges, data).
+    Returns ``{config: python}``. Raises a ``DevicediffError`` (one line)."""
     name = resolve_workload_name(study.workload, study.directory)
-    seen = set()
+    pythons, seen = {}, set()
     for cfg in study.configs:
-        if cfg.framework != "torch":
-            continue  # other frameworks build their own copy; their params are checked in their worker
-        params = {**study.workload_params, **cfg.params}
+        if configs and cfg.name not in configs:
+            continue
+        if cfg.framework != "torch" and twin(name, cfg.framework) is None:
+            raise StudyError(f"configs[{cfg.name!r}].framework: workload {study.workload!r} has no {cfg.framework} "
+                             f"version; use framework = \"torch\"")
+        pythons[cfg.name] = python_for(cfg)
+        params = frameworks.workload_params({**study.workload_params, **cfg.params})  # every framework's twin takes these
         key = repr(sorted(params.items()))
         if key not in seen:
             seen.add(key)
             make_workload(name, params)
-
-
-def python_for(cell: Cell) -> str:
-    if cell.config.python:
-        return cell.config.python
-    if cell.config.framework == "chainer":
-        from devicediff.frameworks.chainer_env import chainer_python
-
-        return chainer_python()
-    return sys.executable
+    return pythons
 
 
 @dataclass
@@ -91,6 +103,11 @@ class StudyRun:
     started: int = 0
     kept: int = 0
     states: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> int:
+        """Runs of this invocation that failed (a crash, NaN, an error in the workload)."""
+        return sum(1 for s in self.states.values() if s == FAILED)
 
 
 def plan(study: Study, store: Store, *, retry_failed: bool = False, machine: str | None = None):
@@ -118,7 +135,12 @@ def run_study(
     retry_failed: bool = False,
     progress: Progress | None = None,
     only_configs: list[str] | None = None,
+    pythons: dict[str, str] | None = None,
 ) -> StudyRun:
+    """Run what the store lacks. ``pythons`` is ``preflight``'s answer (computed here if not
+    given). On Ctrl-C the runs that had not ended are marked ``interrupted`` and the
+    ``KeyboardInterrupt`` goes on to the caller."""
+    pythons = pythons if pythons is not None else preflight(study, only_configs)
     executor = executor or LocalExecutor()
     store.put_study(study.study_id, study.name, study.to_dict())
     machine, todo, kept = plan(study, store, retry_failed=retry_failed)
@@ -129,14 +151,13 @@ def run_study(
     for rid, cell in todo:
         run_dir = root / rid
         run_dir.mkdir(parents=True, exist_ok=True)
-        job = build_job(study, cell, rid, run_dir)
         task = Task(
             run_id=rid,
-            job=job,
+            job=build_job(study, cell, rid, run_dir),
             cpus=cell.config.threads or 1,
             gpus=1 if cell.config.is_gpu else 0,
             log_path=str(run_dir / "worker.log"),
-            python=python_for(cell),
+            python=pythons.get(cell.config.name) or python_for(cell.config),
             ray_resources=dict(cell.config.ray_resources),
             label=f"{cell.config.name} seed={cell.seed}" + (f" rep={cell.repeat}" if study.repeats > 1 else ""),
         )
@@ -161,6 +182,11 @@ def run_study(
             elif kind == "done":
                 result.states[task.run_id] = rec.get("state")
                 prog.finish(task.label, rec.get("state", FAILED), rec.get("error"))
+    except KeyboardInterrupt:
+        for task in tasks:
+            if task.run_id not in result.states:
+                store.update_run(task.run_id, state=INTERRUPTED, error="interrupted (Ctrl-C); runs again on resume")
+        raise
     finally:
         prog.end(time.time() - t0)
     return result

@@ -1,7 +1,7 @@
 """The whole workload API in one module.
 
 A *workload* is model + data + loss + optimizer. devicediff's training loop
-(``devicediff.frameworks.torch_loop``) is shared by every workload and owns
+(``devicediff.frameworks``) is shared by every workload and owns
 everything about *how* the arithmetic is done; the workload owns *what* is
 computed. To hold every source of randomness equal across execution configs,
 a workload must follow three rules:

@@ -15,17 +15,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from devicediff.errors import StudyError
+from devicediff.frameworks import FRAMEWORKS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 
-from devicediff.errors import StudyError  # noqa: E402,F401 - re-exported
 
 
-FRAMEWORKS = ("torch", "chainer")
-NOISE_SOURCES = ("init", "data")
+# Named random streams, each with its own seed: weight init, batch order, in-training draws
+# (portable dropout, devicediff.portable) and injected gradient noise (a config's grad_noise).
+NOISE_SOURCES = ("init", "data", "dropout", "noise")
+PRECISIONS = ("fp32", "bf16-autocast", "fp16-autocast")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,12 @@ class ExecConfig:
     tf32: bool | None = None  # None: the framework's default (PyTorch: on for cuDNN conv)
     cudnn_benchmark: bool = False
     matmul_precision: str | None = None  # torch.set_float32_matmul_precision
-    compile: bool = False
+    compile: bool | str = False  # True = "default"; or "reduce-overhead", "max-autotune"
     channels_last: bool = False
+    precision: str = "fp32"  # or "bf16-autocast", "fp16-autocast" (with dynamic gradient scaling)
+    cuda_graphs: bool = False  # capture the training step in a CUDA graph
+    grad_noise: dict[str, float] = field(default_factory=dict)  # {relative = 1e-7}: seeded noise on every gradient
+    packages: tuple[str, ...] = ()  # e.g. ("torch==2.4.1", "numpy<2"): run in an environment of this package set
     env: dict[str, str] = field(default_factory=dict)
     python: str | None = None  # interpreter for this config's worker (another venv)
     params: dict[str, Any] = field(default_factory=dict)
@@ -55,8 +64,15 @@ class ExecConfig:
     def is_gpu(self) -> bool:
         return self.device.startswith("cuda")
 
+    @property
+    def compile_mode(self) -> str | None:
+        """None (eager) or the torch.compile mode."""
+        return "default" if self.compile is True else (self.compile or None)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["packages"] = list(self.packages)
+        return d
 
 
 @dataclass(frozen=True)
@@ -70,13 +86,15 @@ class Budget:
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the matrix: config × seed × repeat."""
+    """One run of the matrix: config × seed × repeat, with each noise source's seed."""
 
     config: ExecConfig
     seed: int
     init_seed: int
     data_seed: int
     repeat: int = 0
+    dropout_seed: int = 0
+    noise_seed: int = 0
 
     @property
     def key(self) -> str:
@@ -98,16 +116,20 @@ class Study:
     description: str = ""
     margin: float | None = None  # equivalence margin (absolute) for verdicts
     margin_fraction: float = 0.5  # default margin as a fraction of the seed-noise sd
+    primary: tuple[str, ...] = ()  # metrics the confirmatory verdict answers (default: the workload's)
+    portable_random: bool = False  # swap the model's dropout for devicediff.portable's (same bits on every device)
     source: str = ""  # file path or "preset:NAME"
 
     # -- identity ----------------------------------------------------------------
     def definition(self) -> dict[str, Any]:
-        """What makes two studies the same study (no source path, no notes)."""
-        return {
+        """What makes two studies the same study (no source path, no notes). Options added
+        after the first release appear only when set, so older studies keep their ids."""
+        d = {
             "workload": self.workload,
             "workload_params": self.workload_params,
             "configs": [
-                {k: v for k, v in c.to_dict().items() if k not in ("note", "ray_resources", "python")}
+                {k: v for k, v in c.to_dict().items()
+                 if k not in ("note", "ray_resources", "python") and not (k in _LATER and v == _LATER[k])}
                 for c in self.configs
             ],
             "reference": self.reference,
@@ -115,6 +137,9 @@ class Study:
             "base_seed": self.base_seed,
             "budget": asdict(self.budget),
         }
+        if self.portable_random:
+            d["portable_random"] = True
+        return d
 
     @property
     def study_id(self) -> str:
@@ -133,16 +158,14 @@ class Study:
                 return c
         raise StudyError(f"configs: no config named {name!r}; choose one of {[c.name for c in self.configs]}")
 
+    def cell(self, config: ExecConfig, seed: int, repeat: int = 0) -> Cell:
+        """The run of ``config`` at ``seed``: each noise source in ``vary`` takes the seed, the others ``base``."""
+        s = {src: seed if src in self.vary else self.base_seed for src in NOISE_SOURCES}
+        return Cell(config, seed, s["init"], s["data"], repeat, dropout_seed=s["dropout"], noise_seed=s["noise"])
+
     def cells(self) -> list[Cell]:
         """Seed-major order, so a partial study already has complete seed groups."""
-        out = []
-        for seed in self.seeds:
-            init_seed = seed if "init" in self.vary else self.base_seed
-            data_seed = seed if "data" in self.vary else self.base_seed
-            for rep in range(self.repeats):
-                for cfg in self.configs:
-                    out.append(Cell(cfg, seed, init_seed, data_seed, rep))
-        return out
+        return [self.cell(cfg, seed, rep) for seed in self.seeds for rep in range(self.repeats) for cfg in self.configs]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -152,6 +175,7 @@ class Study:
             "repeats": self.repeats,
             "margin": self.margin,
             "margin_fraction": self.margin_fraction,
+            "primary": list(self.primary),
             **self.definition(),
         }
 
@@ -160,11 +184,13 @@ class Study:
 # Parsing
 # --------------------------------------------------------------------------------------
 
-_TOP_KEYS = {"name", "description", "workload", "configs", "reference", "seeds", "budget", "verdict"}
+_TOP_KEYS = {"name", "description", "workload", "configs", "reference", "seeds", "budget", "verdict", "portable_random"}
 _WORKLOAD_KEYS = {"name"}  # plus arbitrary params
 _SEEDS_KEYS = {"count", "list", "vary", "base", "repeats"}
 _BUDGET_KEYS = {"epochs", "steps", "metric_every", "eval_every_steps", "checkpoint_every"}
-_VERDICT_KEYS = {"margin", "margin_fraction"}
+_VERDICT_KEYS = {"margin", "margin_fraction", "primary"}
+# ExecConfig fields added after the first release, with their defaults (see Study.definition).
+_LATER = {"precision": "fp32", "cuda_graphs": False, "grad_noise": {}, "packages": []}
 _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,),
     "framework": (str,),
@@ -175,8 +201,12 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "tf32": (bool,),
     "cudnn_benchmark": (bool,),
     "matmul_precision": (str,),
-    "compile": (bool,),
+    "compile": (bool, str),
     "channels_last": (bool,),
+    "precision": (str,),
+    "cuda_graphs": (bool,),
+    "grad_noise": (dict,),
+    "packages": (list,),
     "env": (dict,),
     "python": (str,),
     "params": (dict,),
@@ -213,6 +243,16 @@ def _parse_config(i: int, raw: Any) -> tuple[ExecConfig, bool]:
     fw = raw.get("framework", "torch")
     if fw not in FRAMEWORKS:
         raise StudyError(f"{where}.framework: unknown framework {fw!r}; use one of {list(FRAMEWORKS)}")
+    bad = FRAMEWORKS[fw].unsupported(raw)
+    if bad:
+        raise StudyError(f"{where}.{bad[0]}: the {fw} framework has no {bad[0]} option; remove it from this config")
+    for pk, pv in raw.get("params", {}).items():
+        allowed = FRAMEWORKS[fw].parameters.get(pk)
+        if allowed is not None and pv not in allowed:
+            raise StudyError(f"{where}.params.{pk}: {pv!r} unknown; use one of {list(allowed)}")
+        if allowed is None and any(pk in f.parameters for f in FRAMEWORKS.values()):
+            raise StudyError(f"{where}.params.{pk}: only {[f.name for f in FRAMEWORKS.values() if pk in f.parameters]} "
+                             "configs read it; remove it from this config")
     dev = raw.get("device", "cpu")
     if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise StudyError(f"{where}.device: {dev!r} is not a device; use \"cpu\", \"cuda\" or \"cuda:N\"")
@@ -231,8 +271,39 @@ def _parse_config(i: int, raw: Any) -> tuple[ExecConfig, bool]:
     mp = raw.get("matmul_precision")
     if mp is not None and mp not in ("highest", "high", "medium"):
         raise StudyError(f"{where}.matmul_precision: {mp!r}; use \"highest\", \"high\" or \"medium\"")
+    _check_axes(where, raw, dev)
     kwargs = {k: v for k, v in raw.items() if k != "reference"}
+    if "packages" in kwargs:
+        kwargs["packages"] = tuple(kwargs["packages"])
     return ExecConfig(**kwargs), bool(raw.get("reference", False))
+
+
+def _check_axes(where: str, raw: dict, device: str) -> None:
+    """precision, compile modes, CUDA graphs, gradient noise and package sets."""
+    prec = raw.get("precision", "fp32")
+    if prec not in PRECISIONS:
+        raise StudyError(f"{where}.precision: {prec!r} unknown; use one of {list(PRECISIONS)}")
+    if prec == "fp16-autocast" and device == "cpu":
+        raise StudyError(f"{where}.precision: fp16-autocast needs a GPU (PyTorch's CPU autocast is bfloat16); "
+                         "use \"bf16-autocast\" on the CPU")
+    comp = raw.get("compile", False)
+    if isinstance(comp, str) and comp not in COMPILE_MODES:
+        raise StudyError(f"{where}.compile: {comp!r} unknown; use true or one of {list(COMPILE_MODES)}")
+    if raw.get("cuda_graphs") and device == "cpu":
+        raise StudyError(f"{where}.cuda_graphs: only meaningful on a GPU; remove it or set device = \"cuda\"")
+    noise = raw.get("grad_noise", {})
+    for k, v in noise.items():
+        if k != "relative":
+            raise StudyError(f"{where}.grad_noise.{k}: unknown key; write grad_noise = {{ relative = 1e-7 }}")
+        _want(f"{where}.grad_noise.relative", v, (int, float))
+        if not 0 < v < 1:
+            raise StudyError(f"{where}.grad_noise.relative: must be in (0, 1), got {v}")
+    for p in raw.get("packages", []):
+        _want(f"{where}.packages[]", p, (str,), "; write requirement strings, e.g. packages = [\"torch==2.4.1\"]")
+        if not p.strip() or p.strip().startswith("-"):
+            raise StudyError(f"{where}.packages: {p!r} is not a requirement; write e.g. \"torch==2.4.1\"")
+    if raw.get("packages") and raw.get("python"):
+        raise StudyError(f"{where}: give either python (an environment you made) or packages (one devicediff makes), not both")
 
 
 def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
@@ -250,6 +321,11 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
         raise StudyError("workload.name: missing; e.g. name = \"autoencoder\", \"prednet\" or \"mypkg.mod:make\"")
     wname = _want("workload.name", wl["name"], (str,))
     wparams = {k: v for k, v in wl.items() if k != "name"}
+    for k in wparams:
+        owners = [f.name for f in FRAMEWORKS.values() if k in f.parameters]
+        if owners:
+            raise StudyError(f"workload.{k}: only {owners} configs read it; set it in those configs' params, "
+                             f"e.g. params = {{ {k} = {FRAMEWORKS[owners[0]].parameters[k][0]!r} }}")
 
     raw_configs = doc.get("configs")
     if not raw_configs:
@@ -333,6 +409,13 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
         _want("verdict.margin", margin, (int, float))
         if margin <= 0:
             raise StudyError("verdict.margin: must be > 0")
+    primary = verdict.get("primary", [])
+    if isinstance(primary, str):
+        primary = [primary]
+    _want("verdict.primary", primary, (list,), "; e.g. primary = [\"eval_mse\"]")
+    for m in primary:
+        _want("verdict.primary[]", m, (str,))
+    portable = _want("portable_random", doc.get("portable_random", False), (bool,))
     mf = verdict.get("margin_fraction", 0.5)
     _want("verdict.margin_fraction", mf, (int, float))
     if mf <= 0:
@@ -352,6 +435,8 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
         description=_want("description", doc.get("description", ""), (str,)),
         margin=float(margin) if margin is not None else None,
         margin_fraction=float(mf),
+        primary=tuple(primary),
+        portable_random=portable,
         source=source,
     )
     # The workload must exist: resolve it now so a typo fails before any run.
@@ -424,7 +509,8 @@ def study_from_definition(name: str, d: dict[str, Any]) -> Study:
         "seeds": {"list": list(d["seeds"]), "vary": list(d["vary"]), "repeats": d.get("repeats", 1),
                   "base": d.get("base_seed", 0)},
         "budget": {k: v for k, v in d["budget"].items() if v is not None},
-        "verdict": {k: d[k] for k in ("margin", "margin_fraction") if d.get(k) is not None},
+        "verdict": {k: d[k] for k in ("margin", "margin_fraction", "primary") if d.get(k) is not None},
+        **({"portable_random": True} if d.get("portable_random") else {}),
     }
     study = parse_study(doc, source="store")
     return study

@@ -456,3 +456,231 @@ def test_degenerate_inputs():
     r = row(stats.compare(per_run, "loss", "ref"), "cfg")
     assert (r["test"], r["p"], r["hedges_g"], r["verdict"]) == ("Welch t", 0.0, math.inf, "differs")
     assert "margin is 0" in r["note"]
+
+
+# ================================================================================================
+# verdicts(): roles, t intervals, identical configs, affine copies, zero-variance rule (issue #13)
+
+
+def generated_study(seed=21, n=6):
+    """ref + 4 configs on 5 metrics: a primary loss, its exact affine copy, a noisy secondary, a
+    data-only check, plus one config bitwise identical to the reference."""
+    rng = np.random.default_rng(seed)
+    seed_eff = rng.normal(0, 1, n)
+    cols = {}
+    for cfg, shift in [("ref", 0.0), ("same", 0.0), ("shifted", 0.8), ("copy", None),
+                       ("offset", None)]:
+        if cfg == "copy":
+            cols[cfg] = cols["ref"].copy()
+        elif cfg == "offset":
+            cols[cfg] = cols["ref"] + 0.003
+        else:
+            cols[cfg] = 10 + seed_eff + shift + rng.normal(0, 0.1, n)
+    per_run = frame(cols, metric="mse")
+    per_run["machine"] = "box-1"
+    per_run["loss"] = 19.5 * per_run["mse"]
+    per_run["acc"] = -per_run["mse"] + rng.normal(0, 0.3, len(per_run))
+    per_run["baseline_mse"] = 0.0523
+    return per_run
+
+
+def vrow(v, config, metric):
+    r = v[(v["config"] == config) & (v["metric"] == metric)]
+    assert len(r) == 1
+    return r.iloc[0]
+
+
+def test_verdicts_columns_and_roles():
+    v = stats.verdicts(generated_study(), ["mse"], "ref")
+    assert list(v.columns) == stats.VERDICT_COLUMNS
+    assert list(v.columns[:18]) == [
+        "config", "machine", "metric", "role", "n", "diff", "ci95_low", "ci95_high", "ci90_low",
+        "ci90_high", "p", "p_adj", "tost_p_adj", "margin", "margin_pct", "margin_source", "verdict",
+        "note"]
+    roles = v.groupby("metric")["role"].first().to_dict()
+    assert roles == {"mse": "primary", "loss": "secondary", "acc": "secondary",
+                     "baseline_mse": "check"}
+    assert set(v["machine"]) == {"box-1"}
+    chk = v[v["role"] == "check"]
+    assert (chk["verdict"] == "same on every run: yes").all() and chk["p"].isna().all()
+    assert not chk["in_family"].any()
+    # the confirmatory family: configs x primary, minus the identical config
+    prim = v[(v["role"] == "primary") & v["in_family"]]
+    assert sorted(prim["config"]) == ["offset", "same", "shifted"]
+    np.testing.assert_allclose(prim["p_adj"], multipletests(prim["p"], method="holm")[1], rtol=1e-12)
+    np.testing.assert_allclose(prim["tost_p_adj"], multipletests(prim["tost_p"], method="holm")[1],
+                               rtol=1e-12)
+    assert all("confirmatory" in s for s in prim["note"])
+    sec = v[(v["role"] == "secondary") & v["in_family"]]
+    assert set(sec["metric"]) == {"acc"}  # loss is mse's affine copy: not in the family
+    assert all("exploratory" in s for s in sec["note"])
+    np.testing.assert_allclose(sec["p_adj"], multipletests(sec["p"], method="holm")[1], rtol=1e-12)
+
+
+def test_verdicts_pinned_to_scipy_and_statsmodels():
+    per_run = generated_study(seed=5, n=7)
+    v = stats.verdicts(per_run, ["mse"], "ref", margin={"mse": 0.3})
+    ref = per_run[per_run.config == "ref"].sort_values("seed")
+    for cfg in ["same", "shifted"]:
+        x = per_run[per_run.config == cfg].sort_values("seed")["mse"].to_numpy()
+        y = ref["mse"].to_numpy()
+        r = vrow(v, cfg, "mse")
+        res = ss.ttest_rel(x, y)
+        # scipy.stats.ttest_rel(x, y).pvalue / .confidence_interval(0.95) / (0.90)
+        assert r["p"] == pytest.approx(res.pvalue, rel=1e-9, abs=1e-300)
+        ci95, ci90 = res.confidence_interval(0.95), res.confidence_interval(0.90)
+        assert r["ci95_low"] == pytest.approx(ci95.low, rel=1e-9)
+        assert r["ci95_high"] == pytest.approx(ci95.high, rel=1e-9)
+        assert r["ci90_low"] == pytest.approx(ci90.low, rel=1e-9)
+        assert r["ci90_high"] == pytest.approx(ci90.high, rel=1e-9)
+        # statsmodels.stats.weightstats.ttost_paired(x, y, -0.3, 0.3)[0]
+        assert r["tost_p"] == pytest.approx(ttost_paired(x, y, -0.3, 0.3)[0], rel=1e-9, abs=1e-300)
+        assert r["diff"] == pytest.approx(np.mean(x - y), rel=1e-12)
+        assert r["sd_diff"] == pytest.approx(np.std(x - y, ddof=1), rel=1e-12)
+        assert r["margin"] == 0.3 and r["margin_source"] == "fixed"
+        assert r["margin_pct"] == pytest.approx(100 * 0.3 / abs(np.mean(y)), rel=1e-12)
+        # TOST passes exactly when the 90% CI lies inside +-margin
+        assert (r["tost_p"] < 0.05) == (-0.3 < r["ci90_low"] and r["ci90_high"] < 0.3)
+    assert vrow(v, "shifted", "mse")["verdict"] == "differs"
+    assert vrow(v, "same", "mse")["verdict"] == "equivalent"
+
+
+def test_t_interval_matches_scipy():
+    x, y = SLEEP_1, SLEEP_2
+    for conf in (0.95, 0.90, 0.99):
+        # scipy.stats.ttest_rel(x, y).confidence_interval(conf)
+        ci = ss.ttest_rel(x, y).confidence_interval(conf)
+        np.testing.assert_allclose(stats.t_interval(x, y, conf), (ci.low, ci.high), rtol=1e-9)
+    # scipy.stats.ttest_1samp(x, 0).confidence_interval(0.95)
+    ci = ss.ttest_1samp(x, 0).confidence_interval(0.95)
+    np.testing.assert_allclose(stats.t_interval(x), (ci.low, ci.high), rtol=1e-9)
+
+
+def test_paired_core_vectorized_matches_scipy():
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.1, 1.0, (50, 4))
+    core = stats.paired_core(d, 0.5)
+    # scipy.stats.ttest_1samp(d, 0, axis=-1): the paired t on differences
+    res = ss.ttest_1samp(d, 0, axis=-1)
+    np.testing.assert_allclose(core["p"], res.pvalue, rtol=1e-9)
+    ci = res.confidence_interval(0.95)
+    np.testing.assert_allclose(core["ci95_low"], ci.low, rtol=1e-9)
+    np.testing.assert_allclose(core["ci95_high"], ci.high, rtol=1e-9)
+    tost = [ttost_paired(row, np.zeros(4), -0.5, 0.5)[0] for row in d]
+    np.testing.assert_allclose(core["tost_p"], tost, rtol=1e-9)
+
+
+def test_holm_rows_matches_statsmodels():
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0, 0.2, (20, 7))
+    expect = np.array([multipletests(row, method="holm")[1] for row in p])
+    np.testing.assert_allclose(stats.holm_rows(p), expect, rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("error")
+def test_identical_config_leaves_the_family():
+    v = stats.verdicts(generated_study(), ["mse"], "ref")
+    r = vrow(v, "copy", "mse")
+    assert r["verdict"] == "identical" and not r["in_family"]
+    assert r["diff"] == 0.0 and (r["ci95_low"], r["ci95_high"]) == (0.0, 0.0)
+    assert math.isnan(r["p"]) and math.isnan(r["p_adj"])
+    assert "bitwise identical" in r["note"]
+    # the family is the 3 other configs: Holm m = 3
+    assert "Holm over 3 comparisons" in vrow(v, "same", "mse")["note"]
+
+
+@pytest.mark.filterwarnings("error")
+def test_constant_offset_rule():
+    # +0.003 in every seed: no noise estimate; p from the exact sign-flip test, 2 / 2**n
+    # n = 2: nothing can be shown; n = 5: the offset is shown inside the margin (TOST sides
+    # 1/2^5 < 0.05) but not shown to exist (2/2^5 > 0.05); n >= 6: shown to exist
+    for n, expect in [(2, "inconclusive"), (5, "equivalent"), (6, "differs"), (8, "differs")]:
+        vals = np.linspace(1.0, 2.0, n)
+        per_run = frame({"ref": vals, "cfg": vals + 0.003})
+        r = vrow(stats.verdicts(per_run, ["loss"], "ref"), "cfg", "loss")
+        assert r["p"] == pytest.approx(2.0 ** (1 - n), rel=1e-12)   # never 0
+        assert r["verdict"] == expect
+        assert "+0.003 in every seed" in r["note"]
+        if n < 6:   # the 95% interval cannot exclude anything at this n
+            assert (r["ci95_low"], r["ci95_high"]) == (-math.inf, math.inf)
+        else:
+            assert r["ci95_low"] == r["ci95_high"] == pytest.approx(0.003, rel=1e-9)
+        # TOST sides: one-sided sign-flip p = 1 / 2**n
+        assert r["tost_p"] == pytest.approx(2.0 ** -n)
+    # the shift is not bitwise constant after float rounding; still treated as constant
+    vals = np.array([0.3, 0.7, 1.1, 5.3, 9.9, 0.01])
+    core = stats.paired_core((vals / 19.5 + 1e-4) - vals / 19.5, 1.0,
+                             scale=np.max(vals / 19.5 + 1e-4))
+    assert bool(core["zero_var"]) and core["p"] == pytest.approx(2.0 ** -5)
+
+
+def test_small_n_note_says_too_few_not_not_significant():
+    rng = np.random.default_rng(7)
+    per_run = study(rng, n_seeds=4, shifts={"ref": 0.0, "big": 3.0})
+    r = vrow(stats.verdicts(per_run, ["loss"], "ref"), "big", "loss")
+    assert r["verdict"] == "differs"
+    assert "too few for a sign-flip or rank test" in r["note"] and "0.125" in r["note"]
+    assert "not significant" not in r["note"]
+    # the old compare() says the same at small n
+    old = row(stats.compare(per_run, "loss", "ref"), "big")
+    assert "too few for rank/permutation tests" in old["note"]
+
+
+def test_affine_copy_detected_and_verdict_copied():
+    v = stats.verdicts(generated_study(), ["mse"], "ref")
+    for cfg in ["same", "shifted", "offset"]:
+        a, b = vrow(v, cfg, "mse"), vrow(v, cfg, "loss")
+        assert not b["in_family"] and "exact affine copy of mse" in b["note"]
+        assert b["p"] == pytest.approx(a["p"], rel=1e-9)          # t is affine invariant
+        assert b["tost_p"] == pytest.approx(a["tost_p"], rel=1e-9)  # seed-sd margin scales too
+        assert (b["p_adj"], b["verdict"]) == (a["p_adj"], a["verdict"])
+    copies = stats.affine_copies(generated_study(), ["mse", "loss", "acc"])
+    assert set(copies) == {"loss"} and copies["loss"][0] == "mse"
+    assert copies["loss"][1] == pytest.approx(19.5, rel=1e-12)
+    # a sign flip (acc = -mse) is an affine copy too; noise breaks it
+    pr = generated_study()
+    pr["neg"] = 1 - 2 * pr["mse"]
+    assert stats.affine_copies(pr, ["mse", "neg", "acc"]) == {"neg": ("mse", pytest.approx(-2),
+                                                                      pytest.approx(1))}
+
+
+def test_checks_explicit_and_failing():
+    pr = generated_study()
+    pr["data_metric"] = pr["seed"] * 0.1          # data-only but seed dependent
+    pr.loc[(pr.config == "same") & (pr.seed == 2), "data_metric"] += 1e-3
+    v = stats.verdicts(pr, ["mse"], "ref", checks=["data_metric"])
+    assert vrow(v, "shifted", "data_metric")["verdict"] == "same on every run: yes"
+    assert vrow(v, "same", "data_metric")["verdict"] == "same on every run: no"
+    # without the declaration the seed-dependent metric is secondary (it varies across seeds)
+    v = stats.verdicts(pr, ["mse"], "ref", metrics=["mse", "data_metric"])
+    assert vrow(v, "shifted", "data_metric")["role"] == "secondary"
+    assert vrow(v, "shifted", "data_metric")["verdict"] == "identical"
+
+
+def test_verdicts_nan_and_errors():
+    pr = generated_study()
+    pr.loc[(pr.config == "same") & (pr.seed == 1), "mse"] = np.nan
+    v = stats.verdicts(pr, ["mse"], "ref", metrics=["mse"])
+    r = vrow(v, "same", "mse")
+    assert r["n"] == 5 and "diverged" in r["note"]
+    with pytest.raises(ValueError, match="reference"):
+        stats.verdicts(pr, ["mse"], "nope")
+    with pytest.raises(KeyError):
+        stats.verdicts(pr, ["nope"], "ref")
+    tiny = frame({"ref": [1.0], "cfg": [2.0]})
+    r = vrow(stats.verdicts(tiny, ["loss"], "ref"), "cfg", "loss")
+    assert r["verdict"] == "inconclusive" and "fewer than 2 paired seeds" in r["note"]
+
+
+def test_verdicts_deterministic_and_row_order_free():
+    pr = generated_study()
+    a = stats.verdicts(pr, ["mse"], "ref")
+    b = stats.verdicts(pr.iloc[::-1].rename(columns={}), ["mse"], "ref")
+    key = ["metric", "config"]
+    pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True),
+                                  b.sort_values(key).reset_index(drop=True))
+    # renaming a config does not change its numbers (no name-keyed random streams)
+    c = stats.verdicts(pr.replace({"config": {"same": "zzz"}}), ["mse"], "ref")
+    num = ["diff", "ci95_low", "ci95_high", "p", "tost_p", "p_signflip"]
+    np.testing.assert_array_equal(vrow(a, "same", "mse")[num].to_numpy(dtype=float),
+                                  vrow(c, "zzz", "mse")[num].to_numpy(dtype=float))

@@ -1,4 +1,4 @@
-"""The PyTorch worker side of diverge (devicediff.diverge.probe), run in this process."""
+"""The PyTorch lockstep side of diverge (devicediff.frameworks.torch.lockstep), run in this process."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from devicediff.diverge.format import read_step, step_path
-from devicediff.diverge.probe import clone_state, teacher_sync
-from devicediff.frameworks import torch_loop
+from devicediff.stepfiles import read_step, step_path
+from devicediff.frameworks.torch.backend import load_workload
+from devicediff.frameworks.torch.lockstep import clone_state, teacher_sync
+from devicediff.job import Lockstep
 from devicediff.protocol import RecordWriter
 from devicediff.runner import build_job
-from devicediff.study import Cell, load_study
+from devicediff.study import load_study
+from devicediff.worker import run_job
 
 HERE = Path(__file__).parent
 
@@ -26,14 +28,12 @@ def lockstep_run(tmp_path_factory):
     """Three lockstep steps of the small autoencoder's cpu-1t config, in-process."""
     tmp = tmp_path_factory.mktemp("probe")
     study = load_study(HERE / "autoencoder_small.toml")
-    cell = Cell(study.config("cpu-1t"), 0, 0, 0)
-    job = build_job(study, cell, "probe-test", tmp)
-    job["checkpoint_path"] = None
-    job["lockstep"] = {"steps": 3, "dir": str(tmp / "steps"), "repeat": "auto", "free": True}
+    cell = study.cell(study.config("cpu-1t"), 0)
+    job = build_job(study, cell, "probe-test", tmp, lockstep=Lockstep(steps=3, dir=str(tmp / "steps")))
     out = io.StringIO()
     threads = torch.get_num_threads()
     try:
-        torch_loop.run(job, RecordWriter(out))
+        run_job(job, RecordWriter(out))
     finally:
         torch.set_num_threads(threads)
     records = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -66,7 +66,7 @@ def test_repeat_auto_on_cpu(lockstep_run):
 
 def test_float64_reference_matches_an_independent_float64_step(lockstep_run):
     study, job, _, steps = lockstep_run
-    wl = torch_loop.load_workload(job)
+    wl = load_workload(job)
     model = wl.build_model(0).double()
     opt = wl.make_optimizer(model)
     batch = next(iter(wl.train_batches(0, 0)))

@@ -14,14 +14,19 @@ import pytest
 from devicediff.executors import local as local_mod
 from devicediff.executors.base import Task
 from devicediff.executors.local import LocalExecutor, place_job
+from devicediff.job import Job
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from synthetic import study_toml  # noqa: E402
 
 
+def job_for(run_id: str, **config) -> Job:
+    return Job(run_id=run_id, workload="w", config=config, init_seed=0, data_seed=0, budget={"steps": 1})
+
+
 def make_task(i: int, *, threads: int = 1, device: str = "cpu", tmp: Path) -> Task:
-    job = {"run_id": f"r{i}", "config": {"device": device, "threads": threads}}
+    job = job_for(f"r{i}", device=device, threads=threads)
     return Task(run_id=f"r{i}", job=job, cpus=threads, gpus=1 if device.startswith("cuda") else 0,
                 log_path=str(tmp / f"r{i}.log"))
 
@@ -39,7 +44,7 @@ class FakeWorkers:
 
     def __call__(self, task, env, cores, emit, on_start=None):
         info = {"run_id": task.run_id, "cores": set(cores or []), "cvd": env.get("CUDA_VISIBLE_DEVICES"),
-                "device": task.job["config"]["device"], "omp": env.get("OMP_NUM_THREADS")}
+                "device": task.job.device, "omp": env.get("OMP_NUM_THREADS")}
         with self.lock:
             for other in self.running.values():
                 if info["cores"] & other["cores"]:
@@ -47,7 +52,7 @@ class FakeWorkers:
             self.running[task.run_id] = info
             self.seen.append(info)
             self.max_running = max(self.max_running, len(self.running))
-        emit({"kind": "effective", "settings": {"device": task.job["config"]["device"]}})
+        emit({"kind": "effective", "settings": {"device": task.job.device}})
         time.sleep(self.duration)
         with self.lock:
             del self.running[task.run_id]
@@ -131,13 +136,13 @@ def test_explicit_cuda_index_pins_that_gpu_and_rewrites_the_device(fake, monkeyp
 
 
 def test_place_job_leaves_cpu_jobs_alone():
-    job = {"config": {"device": "cpu"}}
+    job = job_for("c", device="cpu")
     assert place_job(job, None) == (job, {"requested_device": "cpu", "device": "cpu"})
 
 
 def test_closing_early_kills_running_workers(tmp_path, monkeypatch):
     """A parent that stops reading (error, Ctrl-C) takes its workers down with it."""
-    task = Task(run_id="s", job={"config": {"device": "cpu"}}, cpus=1, gpus=0, log_path=str(tmp_path / "s.log"),
+    task = Task(run_id="s", job=job_for("s", device="cpu"), cpus=1, gpus=0, log_path=str(tmp_path / "s.log"),
                 python=sys.executable)
     ex = LocalExecutor(jobs=1)
     monkeypatch.setattr(local_mod, "BOOT", "import time; time.sleep(60)")  # a worker that never reports

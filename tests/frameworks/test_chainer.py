@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from conftest import ROOT, devicediff
-from devicediff.frameworks import chainer_env, init_export
-from devicediff.frameworks.torch_loop import state_sha256
+from devicediff.frameworks.chainer import env as chainer_env
+from devicediff.frameworks.chainer import init_export
+from devicediff.frameworks.torch.backend import flat_weights, state_sha256
 from devicediff.workloads import make_workload
 
 SRC = str(ROOT / "src")
@@ -50,9 +51,10 @@ def in_chainer(py: str, code: str, payload: dict | None = None, timeout: float =
 
 
 def job(workload: str, params: dict, init_seed: int = 0, data_seed: int = 0, **cfg) -> dict:
-    return {"workload": workload, "workload_params": params, "config": {"name": "c", "framework": "chainer", **cfg},
-            "init_seed": init_seed, "data_seed": data_seed, "torch_python": sys.executable,
-            "budget": {"steps": 2}}
+    """A ``devicediff.job.Job`` as the dict the Chainer side rebuilds it from (``Job.from_dict``)."""
+    return {"run_id": "t", "workload": workload, "workload_params": params,
+            "config": {"name": "c", "framework": "chainer", **cfg}, "init_seed": init_seed, "data_seed": data_seed,
+            "torch_python": sys.executable, "budget": {"steps": 2}}
 
 
 # ------------------------------------------------------------------------------------------
@@ -86,7 +88,7 @@ def test_python_312_is_refused_with_the_reason(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# Hashing: the numpy restatement of torch_loop.state_sha256
+# Hashing: the numpy restatement of the PyTorch backend's state_sha256
 # ------------------------------------------------------------------------------------------
 
 
@@ -95,8 +97,6 @@ def test_array_hash_equals_torch_hash(name, params):
     model = make_workload(name, params).build_model(7)
     arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     assert init_export.state_sha256_arrays(arrays) == state_sha256(model)
-    from devicediff.frameworks.torch_loop import flat_weights
-
     flat = init_export.flat_weights_arrays({k: v for k, v in arrays.items()})
     assert flat.dtype == flat_weights(model).dtype and np.array_equal(flat, flat_weights(model))
 
@@ -120,16 +120,12 @@ def test_environment_versions(chainer_py):
 
 INIT = """
 from pathlib import Path
-import chainer
-from devicediff.frameworks import chainer_loop, init_export
-from devicediff.frameworks.chainer_models import load_arrays, make_chainer_workload
+from devicediff.frameworks.chainer.backend import load_twin, state_sha256
+from devicediff.job import Job
 out = {}
 for name, j in P["jobs"].items():
-    meta, arrays = init_export.request(j, Path(P["dir"]) / name)
-    wl = make_chainer_workload(j["workload"], j["workload_params"], meta)
-    model = wl.build_model()
-    load_arrays(model, arrays)
-    out[name] = chainer_loop.state_sha256(model)
+    wl, model, meta = load_twin(Job.from_dict(j), Path(P["dir"]) / name)
+    out[name] = state_sha256(model)
 print(json.dumps(out))
 """
 
@@ -147,20 +143,21 @@ def test_init_hash_equal_across_frameworks(chainer_py, tmp_path):
 
 
 GRADS = """
-from devicediff.frameworks.chainer_loop import frame_buffer_gradients
-print(json.dumps(frame_buffer_gradients(P)))
+from devicediff.frameworks.chainer.gradients import frame_buffer_gradients
+from devicediff.job import Job
+print(json.dumps(frame_buffer_gradients(Job.from_dict(P))))
 """
 
 FRESH_VS_TORCH = """
 from pathlib import Path
 import numpy as np
 import chainer
-from devicediff.frameworks import init_export
-from devicediff.frameworks.chainer_models import FrameFeeder, load_arrays, make_chainer_workload, torch_name, ssim
-meta, arrays = init_export.request(P["job"], Path(P["dir"]))
-wl = make_chainer_workload("prednet", P["job"]["workload_params"], meta)
+from devicediff.frameworks.chainer.backend import load_twin
+from devicediff.frameworks.chainer.common import FrameFeeder, torch_name
+from devicediff.job import Job
+from devicediff.workloads.prednet.chainer import ssim
+wl, model, meta = load_twin(Job.from_dict(P["job"]), Path(P["dir"]))
 batch = next(iter(wl.train_batches(0, 0)))
-model = wl.build_model(); load_arrays(model, arrays)
 loss = wl.loss(model, batch, FrameFeeder("fresh", np)); model.cleargrads(); loss.backward()
 g = {torch_name(k): p.grad for k, p in model.namedparams()}
 np.savez(Path(P["dir"]) / "chainer_grads.npz", batch=batch.data, **g)
@@ -208,24 +205,24 @@ def test_fresh_buffers_match_pytorch(chainer_py, tmp_path):
 
 
 RESUME = """
-from devicediff.frameworks import chainer_loop
+from devicediff.frameworks import _driver
+from devicediff.job import Job
 from devicediff.protocol import RecordWriter
+from devicediff.worker import run_job
 import io
 
 def go(j, crash_after_checkpoint=False):
     buf = io.StringIO()
-    saved = chainer_loop.save_checkpoint
-    def save_then_crash(ctx, step):
-        saved(ctx, step)
+    saved = _driver.save_checkpoint
+    def save_then_crash(b, step):
+        saved(b, step)
         raise KeyboardInterrupt("killed")
     if crash_after_checkpoint:
-        chainer_loop.save_checkpoint = save_then_crash
+        _driver.save_checkpoint = save_then_crash
     try:
-        chainer_loop.run(j, RecordWriter(buf))
-    except KeyboardInterrupt:
-        pass
+        run_job(Job.from_dict(j), RecordWriter(buf))
     finally:
-        chainer_loop.save_checkpoint = saved
+        _driver.save_checkpoint = saved
     return [json.loads(l) for l in buf.getvalue().splitlines()]
 
 straight = go(P["a"])
@@ -246,7 +243,7 @@ def test_checkpoint_resume_gives_the_same_bits(chainer_py, tmp_path):
     def j(d):
         x = job("autoencoder", {**TINY_AE, "train_size": 200}, init_seed=2, threads=1)
         x.update(budget={"epochs": 2, "metric_every": 2}, artifact_dir=str(tmp_path / d),
-                 checkpoint_path=str(tmp_path / d / "checkpoint.pt"))
+                 checkpoint_path=str(tmp_path / d / "checkpoint.npz"))
         return x
 
     r = in_chainer(chainer_py, RESUME, {"a": j("a"), "b": j("b"), "c": j("c")})
@@ -255,7 +252,7 @@ def test_checkpoint_resume_gives_the_same_bits(chainer_py, tmp_path):
     assert r["straight"]["final_sha256"] == r["resumed"]["final_sha256"]
     # An unreadable checkpoint is set aside; the run starts over from the same initial weights.
     assert r["garbage"]["resumed_from"] == 0 and r["garbage"]["final_sha256"] == r["straight"]["final_sha256"]
-    assert (tmp_path / "c" / "checkpoint.pt.unreadable").is_file()
+    assert (tmp_path / "c" / "checkpoint.npz.unreadable").is_file()
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,7 +325,7 @@ def test_devicediff_run_stores_chainer_runs(chainer_py, tmp_path, wname):
 
 ADAM = """
 import numpy as np, chainer
-from devicediff.frameworks.chainer_models import make_adam
+from devicediff.frameworks.chainer.common import make_adam
 out = {}
 for formula in ("pytorch", "chainer"):
     p = chainer.Parameter(np.array(P["w"], np.float32))

@@ -266,9 +266,10 @@ def test_cli_report(stub_plots, tmp_path, capsys):
     assert len(err) == 1 and "no study named 'nope'" in err[0] and "clistudy" in err[0]
     assert main(["report", "--store", str(tmp_path / "missing.db"), "--out", str(tmp_path / "o")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
-    sqlite3.connect(tmp_path / "e.db").close()  # an empty file: a fresh store with no studies
+    sqlite3.connect(tmp_path / "e.db").close()  # an empty file: read-only commands do not make it a store
     assert main(["report", "--store", str(tmp_path / "e.db"), "--out", str(tmp_path / "o2")]) == 2
-    assert "holds no studies" in capsys.readouterr().err
+    assert "an empty file, not a devicediff store" in capsys.readouterr().err
+    assert sqlite3.connect(tmp_path / "e.db").execute("select count(*) from sqlite_master").fetchone() == (0,)
 
 
 @pytest.mark.slow

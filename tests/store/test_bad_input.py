@@ -181,7 +181,7 @@ def test_ray_missing_is_an_install_hint(study, tmp_path):
 
 
 def test_devicediff_imports_without_ray():
-    code = "import sys; sys.modules['ray'] = None\nimport devicediff, devicediff.cli, devicediff.executors, devicediff.executors.ray, devicediff.merge\n"
+    code = "import sys; sys.modules['ray'] = None\nimport devicediff, devicediff.cli, devicediff.executors, devicediff.executors.ray, devicediff.store.merge\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import devicediff
-from devicediff.merge import merge_stores
+from devicediff.store.merge import merge_stores
 from devicediff.store import RunInfo, SQLiteStore, StoreError
 
 DEF = {"workload": "autoencoder", "workload_params": {"train_size": 100}, "configs": [{"name": "cpu"}, {"name": "gpu"}],
@@ -147,8 +148,11 @@ def test_different_definitions_under_one_name_are_refused_and_nothing_is_written
 def test_a_store_that_already_holds_both_definitions_merges(tmp_path):
     a, out = tmp_path / "A.db", tmp_path / "ALL.db"
     make_store(a, "m1", [("a1", "cpu", "finished", 3)])
-    with SQLiteStore(a) as s:
-        s.put_study("st2", "s", {**DEF, "budget": {"epochs": 2}})  # the study was edited and rerun here
+    # the study was edited and rerun here by a devicediff that did not yet refuse a second definition
+    con = sqlite3.connect(a)
+    with con:
+        con.execute("INSERT INTO studies VALUES ('st2', 's', ?, 0)", (json.dumps({**DEF, "budget": {"epochs": 2}}),))
+    con.close()
     assert merge_stores([str(a)], str(out)) == 1
     assert len(tables(out)["studies"]) == 2
 
@@ -200,3 +204,74 @@ def test_status_of_a_merged_store_keeps_machines_apart(tmp_path):
     assert {"cpu@m1 (ref)", "cpu@m2", "gpu@m1", "gpu@m2"} <= set(rows), r.stdout
     assert "(CONFIG@MACHINE)" in r.stdout
     assert "+1 failed" in rows["gpu@m1"] and rows["gpu@m2"].split("│")[2].strip() == "1"
+
+
+# -- errors name --out or the input, and leave nothing behind --------------------------------------
+
+
+def test_out_onto_a_file_that_is_not_a_store_names_out(two_machines):
+    a, _, out = two_machines
+    notes = out.with_name("notes.txt")
+    notes.write_text("my notes\n" * 20)
+    folder_before = sorted(p.name for p in notes.parent.iterdir())
+    with pytest.raises(StoreError) as e:
+        merge_stores([str(a)], str(notes))
+    msg = str(e.value)
+    assert msg.startswith(f"--out {notes}: not an SQLite file") and "choose another --out" in msg and "--store" not in msg
+    assert notes.read_text() == "my notes\n" * 20
+    assert sorted(p.name for p in notes.parent.iterdir()) == folder_before
+    r = devicediff("merge", str(a), "--out", str(notes))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--out" in r.stderr and "--store" not in r.stderr
+
+
+def test_an_input_that_is_not_a_store_is_named_by_its_path(two_machines):
+    a, _, out = two_machines
+    bad = out.with_name("bad.db")
+    bad.write_text("hello\n" * 30)
+    with pytest.raises(StoreError) as e:
+        merge_stores([str(a), str(bad)], str(out))
+    assert str(bad) in str(e.value) and "--store" not in str(e.value) and "--out" not in str(e.value)
+    assert not out.exists()
+
+
+def test_out_in_a_missing_or_unwritable_place_is_one_line_and_nothing_is_made(two_machines, monkeypatch):
+    a, _, out = two_machines
+    missing = out.parent / "no-such-folder" / "ALL.db"
+    with pytest.raises(StoreError, match=r"^--out .*does not exist"):
+        merge_stores([str(a)], str(missing))
+    assert not missing.parent.exists()
+    from devicediff.store import sqlite as sqlite_mod
+
+    real = sqlite_mod._writable
+    monkeypatch.setattr(sqlite_mod, "_writable", lambda p: False if p.name == out.name else real(p))
+    with pytest.raises(StoreError, match=r"^--out .*cannot be written"):
+        merge_stores([str(a)], str(out))
+    assert not out.exists() and not out.with_name("ALL_artifacts").exists()
+
+
+def test_a_merge_that_fails_midway_takes_back_the_new_store_and_its_files(two_machines, monkeypatch):
+    a, b, out = two_machines
+    from devicediff.store import merge as merge_mod
+
+    calls = []
+
+    def boom(*args):
+        calls.append(args)
+        if len(calls) > 3:  # after the first runs' files were linked
+            raise RuntimeError("disk gone")
+        return args[0]
+
+    monkeypatch.setattr(merge_mod, "_relocate", boom)
+    with pytest.raises(RuntimeError):
+        merge_stores([str(a), str(b)], str(out))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["a", "b"]
+
+
+def test_merge_reads_inputs_it_cannot_write(two_machines, monkeypatch):
+    a, b, out = two_machines
+    from devicediff.store import sqlite as sqlite_mod
+
+    real = sqlite_mod._writable
+    monkeypatch.setattr(sqlite_mod, "_writable", lambda p: False if p.name in ("A.db", "B.db") else real(p))
+    assert merge_stores([str(a), str(b)], str(out)) == 4
+    assert sorted(p.name for p in a.parent.iterdir()) == ["A.db", "A_artifacts"]  # no -wal/-shm beside an input

@@ -48,6 +48,20 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
     return sorted(cols, key=lambda c: (order.index(c) if c in order else len(order), c))
 
 
+def per_seed_table(per_run: pd.DataFrame, metric: str, order: list[str] | None = None) -> pd.DataFrame:
+    """Config × seed → ``metric`` of the finished first run (``repeat == 0``): index ``config``
+    (in ``order``, then any other), one column per seed (sorted); NaN where no such run."""
+    pr = per_run[(per_run["state"] == "finished") & (per_run["repeat"] == 0)] if len(per_run) else per_run
+    if metric not in pr.columns or pr.empty:
+        return pd.DataFrame(index=pd.Index(list(order or []), name="config"))
+    t = pr.pivot_table(index="config", columns="seed", values=metric, aggfunc="first", dropna=False)
+    labels = [c for c in (order or []) if c in t.index] + [c for c in t.index if c not in (order or [])]
+    t = t.reindex(labels)
+    t = t.reindex(sorted(t.columns), axis=1)
+    t.columns.name = "seed"
+    return t
+
+
 def bitwise_table(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Per config: were runs repeatable (same config+seed → same final bits), and
     did they match the reference's final bits for the same seed?"""

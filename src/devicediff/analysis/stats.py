@@ -46,6 +46,16 @@ __all__ = [
     "tost_paired",
     "tost_welch",
     "seeds_needed",
+    # issue #13: roles, t intervals, identical configs, affine copies
+    "verdicts",
+    "paired_core",
+    "t_interval",
+    "holm_rows",
+    "decide_rows",
+    "metric_roles",
+    "affine_copies",
+    "signflip_min_p",
+    "VERDICT_COLUMNS",
 ]
 
 # Exact sign-flip enumeration up to 2**16 = 65536 relabellings; Monte Carlo beyond.
@@ -614,7 +624,11 @@ def _finalize(rows: list[dict], alpha: float) -> pd.DataFrame:
                 extra.append("significant but within margin")
             elif abs(r["diff"]) < r["margin"]:
                 extra.append("significant; estimate inside margin, TOST not passed")
-            if not (r["p_rank"] < alpha or r["p_perm"] < alpha):
+            if r["paired"] and 2.0 ** (1 - r["n"]) >= alpha:
+                # the smallest two-sided p a sign-flip or signed-rank test can give is 2 / 2**n
+                extra.append(f"n = {r['n']} too few for rank/permutation tests to reach "
+                             f"p < {alpha:g} (smallest possible p {2.0 ** (1 - r['n']):.3g})")
+            elif not (r["p_rank"] < alpha or r["p_perm"] < alpha):
                 extra.append("rank and permutation tests not significant")
         elif not math.isnan(n_need):
             extra.append(f"~{int(n_need)} seeds for 80% power at the margin")
@@ -803,3 +817,388 @@ def summary_sentence(verdicts_df: pd.DataFrame, metric: str) -> str:
                 more = f"; ~{r['n_seeds_needed']} seeds needed"
             parts.append(f"{r['config']} is inconclusive: {size}, {_p(r['p_holm'])} ({how}{more})")
     return "; ".join(parts)
+
+
+# ==================================================================================================
+# Verdicts with roles (issue #13): primary / secondary / check metrics, t intervals, identical
+# configs and affine copies out of the family, an explicit rule for zero-variance differences.
+#
+# The numeric core works on arrays of paired differences of shape (..., n), so that the calibration
+# benchmark runs exactly this code on thousands of simulated studies at once.
+
+VERDICT_COLUMNS = [
+    "config", "machine", "metric", "role", "n", "diff", "ci95_low", "ci95_high", "ci90_low",
+    "ci90_high", "p", "p_adj", "tost_p_adj", "margin", "margin_pct", "margin_source", "verdict",
+    "note",
+    # extra columns (after the documented ones): what planning and the report need
+    "reference", "mean_ref", "sd_diff", "tost_p", "p_signflip", "in_family",
+]
+# A metric whose finite values over all runs spread by at most this (relative to its largest
+# magnitude) is "the same on every run": data-only metrics computed in another summation order
+# differ in the last bits (paper-prednet's baseline_mse spreads by 7e-18), trained metrics by 1e-3+.
+CHECK_RTOL = 1e-6
+# B is an exact affine copy of A when B - (a + k A) is at most this times the range of B on every run.
+AFFINE_RTOL = 1e-9
+# Paired differences whose spread is at most this times the magnitude of the values compared are
+# "the same in every seed" (float64 rounding of x - y; 64 ulps).
+ZERO_VAR_RTOL = 64 * float(np.finfo(float).eps)
+
+
+def signflip_min_p(n) -> np.ndarray | float:
+    """Smallest two-sided p a sign-flip (or Wilcoxon signed-rank) test can reach with n pairs: 2/2^n."""
+    return 2.0 ** (1 - np.asarray(n, dtype=float)) if np.ndim(n) else 2.0 ** (1 - float(n))
+
+
+def paired_core(d, margin=math.nan, scale=None) -> dict[str, np.ndarray]:
+    """Paired-difference statistics on the last axis of ``d`` (finite, shape (..., n), n >= 2).
+
+    Returns arrays (shape ``d.shape[:-1]``): ``n, diff, sd, se, df, t, p, ci95_low, ci95_high,
+    ci90_low, ci90_high, p_low, p_high, tost_p, zero_var``.
+
+    * ``p``: two-sided paired t (Student 1908), df = n - 1: ``scipy.stats.ttest_rel(x, y).pvalue``.
+    * ``ci95_*``, ``ci90_*``: mean +- t_{1-a/2, n-1} * sd / sqrt(n), the intervals of
+      ``ttest_rel(x, y).confidence_interval(0.95 / 0.90)``; the 90% interval is the one TOST uses.
+    * ``tost_p``: max of the two one-sided t tests of H0: diff <= -margin and H0: diff >= +margin
+      (Schuirmann 1987): ``statsmodels.stats.weightstats.ttost_paired(x, y, -margin, margin)[0]``.
+
+    **Zero variance** (all n differences equal, ``zero_var``; "equal" allows rounding: their spread is
+    at most ZERO_VAR_RTOL x ``scale``, the largest magnitude of the compared values, default
+    max|d|. A shift added in float arithmetic to values of another size is not bitwise constant,
+    and its t statistic would be 1e14 instead of inf): the t statistic is x/0 and would give
+    p = 0 at any n, even 2. There is then no estimate of the noise, and the p-values come from the
+    exact sign-flip test instead (H0: config and reference exchangeable within a seed; all n
+    differences have one sign, the most extreme outcome): two-sided p = 2/2^n for a non-zero
+    difference (1 when all are 0), one-sided p = 1/2^n for each TOST side the data lie inside
+    (1 otherwise). The intervals are the inverted sign-flip test: the single point {diff} when the
+    test can reject every other value (2/2^n < 0.05, n >= 6, for the 95% interval; 1/2^n < 0.05,
+    n >= 5, for the 90% one), else (-inf, +inf). So p, the CIs and TOST always agree.
+    """
+    d = np.asarray(d, dtype=float)
+    n = d.shape[-1]
+    if n < 2:
+        raise ValueError("paired_core needs at least 2 differences")
+    exact = np.all(d == d[..., :1], axis=-1)
+    if scale is None:
+        scale = np.abs(d).max(axis=-1)
+    zero_var = exact | (np.ptp(d, axis=-1) <= ZERO_VAR_RTOL * np.asarray(scale, dtype=float))
+    # the mean of n copies of one float can be off by an ulp: use the value itself
+    mean = np.where(exact, d[..., 0], d.mean(axis=-1))
+    var = np.where(zero_var, 0.0, d.var(axis=-1, ddof=1))
+    df = float(n - 1)
+    se = np.sqrt(var / n)
+    margin = np.abs(np.asarray(margin, dtype=float))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = mean / se
+        p = 2.0 * stats.t.sf(np.abs(t), df)
+        q95, q90 = stats.t.isf(0.025, df), stats.t.isf(0.05, df)
+        ci95 = (mean - q95 * se, mean + q95 * se)
+        ci90 = (mean - q90 * se, mean + q90 * se)
+        p_low = stats.t.sf((mean + margin) / se, df)
+        p_high = stats.t.cdf((mean - margin) / se, df)
+    if np.any(zero_var):
+        two, one = 2.0 ** (1 - n), 2.0 ** (-n)
+        t = np.where(zero_var, np.where(mean == 0, 0.0, np.copysign(np.inf, mean)), t)
+        p = np.where(zero_var, np.where(mean == 0, 1.0, two), p)
+        inf = np.inf
+        w95 = np.where(two < 0.05, 0.0, inf)
+        w90 = np.where(one < 0.05, 0.0, inf)
+        ci95 = (np.where(zero_var, mean - w95, ci95[0]), np.where(zero_var, mean + w95, ci95[1]))
+        ci90 = (np.where(zero_var, mean - w90, ci90[0]), np.where(zero_var, mean + w90, ci90[1]))
+        p_low = np.where(zero_var, np.where(mean > -margin, one, 1.0), p_low)
+        p_high = np.where(zero_var, np.where(mean < margin, one, 1.0), p_high)
+    tost_p = np.maximum(p_low, p_high)
+    tost_p = np.where(np.isnan(margin), np.nan, tost_p)
+    shape = mean.shape
+    return {
+        "n": np.full(shape, n), "diff": mean, "sd": np.sqrt(var), "se": se, "df": np.full(shape, df),
+        "t": t, "p": np.minimum(p, 1.0), "ci95_low": ci95[0], "ci95_high": ci95[1],
+        "ci90_low": ci90[0], "ci90_high": ci90[1], "p_low": p_low, "p_high": p_high,
+        "tost_p": tost_p, "zero_var": zero_var,
+    }
+
+
+def t_interval(x, y=None, confidence: float = 0.95) -> tuple[float, float]:
+    """t-based CI of mean(x - y) (paired) or of mean(x) when ``y is None``; deterministic.
+
+    Same as ``scipy.stats.ttest_rel(x, y).confidence_interval(confidence)`` (and
+    ``scipy.stats.ttest_1samp(x, 0)`` for one sample) when the differences vary; with zero variance
+    see :func:`paired_core` (the point, or (-inf, inf) when n is too small for that confidence).
+    """
+    x = _arr(x, "x")
+    d = x if y is None else x - _arr(y, "y")
+    if d.size < 2:
+        return math.nan, math.nan
+    a = 1 - confidence
+    mean, var = _mean(d), _var(d)
+    if var == 0:
+        ok = 2.0 ** (1 - d.size) < a
+        return (mean, mean) if ok else (-math.inf, math.inf)
+    half = float(stats.t.isf(a / 2, d.size - 1)) * math.sqrt(var / d.size)
+    return mean - half, mean + half
+
+
+def holm_rows(p) -> np.ndarray:
+    """Holm (1979) adjusted p along the last axis of a NaN-free array (one family per row)."""
+    p = np.asarray(p, dtype=float)
+    m = p.shape[-1]
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p, axis=-1, kind="stable")
+    ps = np.take_along_axis(p, order, axis=-1)
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * ps, axis=-1))
+    out = np.empty_like(adj)
+    np.put_along_axis(out, order, adj, axis=-1)
+    return out
+
+
+def decide_rows(p_adj, tost_p_adj, alpha: float = 0.05) -> np.ndarray:
+    """The verdict rule: differs if p_adj < alpha, else equivalent if tost_p_adj < alpha, else
+    inconclusive (arrays in, array of strings out)."""
+    p_adj, tost_p_adj = np.asarray(p_adj), np.asarray(tost_p_adj)
+    return np.where(p_adj < alpha, "differs",
+                    np.where(tost_p_adj < alpha, "equivalent", "inconclusive"))
+
+
+_NOT_METRICS = {"run_id", "config", "seed", "repeat", "state", "machine", "init_seed", "data_seed",
+                "step", "cell_key", "init_sha256", "final_sha256", "workload", "study_id"}
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:+.3g}"
+
+
+def _affine_fit(a: np.ndarray, b: np.ndarray) -> tuple[float, float] | None:
+    """(k, c) when b == k a + c on every element within AFFINE_RTOL of b's range, else None."""
+    if a.size < 3 or np.unique(a).size < 3:
+        return None
+    span_b = float(b.max() - b.min())
+    if span_b == 0:
+        return None
+    A = np.column_stack([a, np.ones_like(a)])
+    (k, c), *_ = np.linalg.lstsq(A, b, rcond=None)
+    if k == 0 or np.max(np.abs(b - (k * a + c))) > AFFINE_RTOL * span_b:
+        return None
+    if abs(c) <= AFFINE_RTOL * float(np.abs(b).max()):
+        c = 0.0  # rounding noise of the fit (the fit depends on the order of the rows in its last bits)
+    return float(k), float(c)
+
+
+def metric_roles(finals: pd.DataFrame, metrics: Sequence[str], primary: Sequence[str],
+                 checks: Sequence[str] = ()) -> dict[str, str]:
+    """{metric: "primary" | "secondary" | "check"}.
+
+    Primary: listed in ``primary``. Check: listed in ``checks``, or (not primary) a metric whose
+    finite values are the same on every run of every config and seed, within CHECK_RTOL (a data-only
+    quantity, like the copy-last baseline; needs finite runs of at least 2 seeds). Secondary: the
+    rest. A check row's verdict is "same on every run: yes" when the config's finite values equal
+    the reference's in every seed within CHECK_RTOL (relative), else "... no".
+    """
+    roles = {}
+    for m in metrics:
+        if m in primary:
+            roles[m] = "primary"
+            continue
+        if m in checks:
+            roles[m] = "check"
+            continue
+        v = finals[m].to_numpy(dtype=float)
+        ok = np.isfinite(v)
+        same = False
+        if ok.any() and finals.loc[ok, "seed"].nunique() >= 2:  # diverged runs do not count
+            v = v[ok]
+            same = float(v.max() - v.min()) <= CHECK_RTOL * float(np.abs(v).max())
+        roles[m] = "check" if same else "secondary"
+    return roles
+
+
+def affine_copies(finals: pd.DataFrame, metrics: Sequence[str]) -> dict[str, tuple[str, float, float]]:
+    """{copy: (kept_metric, k, c)} for metrics that are exact affine copies (copy = k kept + c on every
+    run where both are finite) of an earlier metric in ``metrics``; the first of a group is kept."""
+    out: dict[str, tuple[str, float, float]] = {}
+    kept: list[str] = []
+    for b in metrics:
+        vb = finals[b].to_numpy(dtype=float)
+        for a in kept:
+            va = finals[a].to_numpy(dtype=float)
+            ok = np.isfinite(va) & np.isfinite(vb)
+            if not np.array_equal(ok, np.isfinite(vb)) or not np.array_equal(ok, np.isfinite(va)):
+                continue  # not the same runs diverged: not a copy
+            fit = _affine_fit(va[ok], vb[ok])
+            if fit is not None:
+                out[b] = (a, *fit)
+                break
+        else:
+            kept.append(b)
+    return out
+
+
+def _machine_of(first: pd.DataFrame, cfg: str):
+    if "machine" not in first.columns:
+        return None
+    ms = [str(m) for m in pd.unique(first.loc[first["config"] == cfg, "machine"]) if pd.notna(m)]
+    return ",".join(ms) if ms else None
+
+
+def verdicts(finals: pd.DataFrame, primary: Sequence[str] | str, reference: str, *,
+             metrics: Sequence[str] | None = None, checks: Sequence[str] = (), margin=None,
+             margin_fraction: float = 0.5, alpha: float = 0.05, robust: bool = True) -> pd.DataFrame:
+    """Verdict of every config against ``reference`` on every metric, paired by seed.
+
+    ``finals``: the per-run frame (config, seed, repeat, [machine], one float column per metric);
+    first runs (``repeat == 0``) are used. ``primary``: the metric(s) of the confirmatory question.
+    ``metrics``: all metrics to report (default: every numeric non-key column, primary first).
+    ``checks``: metrics to treat as checks even if they vary. ``margin``: equivalence half-width, a
+    number or {metric: number} (``margin_source`` "fixed"); else ``margin_fraction`` x the sd of the
+    reference across seeds ("seed-sd").
+
+    Roles and families (see :func:`metric_roles`): the confirmatory family is every testable
+    (config, primary metric); the secondary metrics form a second, exploratory family. Holm (1979)
+    adjusts the difference p and, separately, the TOST p within each family. Left out of the
+    families: check metrics (verdict "same on every run: yes/no", never tested); configs bitwise
+    identical to the reference on a metric in every seed (verdict "identical"); exact affine copies
+    of another metric (:func:`affine_copies`; same test, the kept metric's adjusted p and verdict are
+    copied, said in ``note``); rows with fewer than 2 paired seeds (inconclusive).
+
+    Statistics (:func:`paired_core`): paired t p, t-based 95% and 90% CIs of the mean difference
+    (config - reference), paired TOST at +-margin; an explicit rule for zero-variance differences.
+    Verdict: differs if p_adj < alpha, else equivalent if tost_p_adj < alpha, else inconclusive.
+    ``robust``: also the exact sign-flip p (``p_signflip``; Monte Carlo with a fixed seed above 16
+    pairs) and a note on ``differs`` rows when it disagrees or cannot reach alpha at this n.
+
+    Columns: VERDICT_COLUMNS (``config, machine, metric, role, n, diff, ci95_low, ci95_high,
+    ci90_low, ci90_high, p, p_adj, tost_p_adj, margin, margin_pct, margin_source, verdict, note``,
+    then ``reference, mean_ref, sd_diff, tost_p, p_signflip, in_family``).
+    """
+    if isinstance(primary, str):
+        primary = [primary]
+    primary = list(primary)
+    if metrics is None:
+        metrics = [c for c in finals.columns if c not in _NOT_METRICS
+                   and pd.api.types.is_numeric_dtype(finals[c])]
+    metrics = list(dict.fromkeys([*primary, *metrics]))  # primary first, no duplicates
+    for m in metrics:
+        _check(finals, m)
+    first = _first_runs(finals, metrics[0]) if metrics else finals
+    if reference not in set(first["config"]):
+        raise ValueError(f"reference config {reference!r} has no repeat == 0 runs")
+    configs = [c for c in _configs(first) if c != reference]
+    roles = metric_roles(first, metrics, primary, checks)
+    copies = affine_copies(first, [m for m in metrics if roles[m] != "check"])
+
+    rows: list[dict] = []
+    for metric in metrics:
+        role = roles[metric]
+        by = {c: pd.Series(g[metric].to_numpy(dtype=float), index=g["seed"].to_numpy()).sort_index()
+              for c, g in first.groupby("config", sort=False)}
+        ref = by[reference]
+        ref_ok = ref[np.isfinite(ref.to_numpy())]
+        mean_ref = _mean(ref_ok.to_numpy())
+        m_fixed = _margin_for(margin, metric)
+        if m_fixed is not None:
+            marg, source = abs(float(m_fixed)), "fixed"
+        else:
+            marg = margin_fraction * math.sqrt(_var(ref_ok.to_numpy())) if ref_ok.size >= 2 else math.nan
+            source = "seed-sd"
+        marg_pct = 100 * _ratio(marg, abs(mean_ref)) if not math.isnan(marg) else math.nan
+        for cfg in configs:
+            s = by[cfg]
+            r = {k: math.nan for k in VERDICT_COLUMNS}
+            r.update(config=cfg, machine=_machine_of(first, cfg), metric=metric, role=role,
+                     reference=reference, mean_ref=mean_ref, margin=marg, margin_pct=marg_pct,
+                     margin_source=source, in_family=False, verdict="", note="")
+            notes = []
+            shared = ref_ok.index.intersection(s[np.isfinite(s.to_numpy())].index)
+            x, y = s.loc[shared].to_numpy(), ref_ok.loc[shared].to_numpy()
+            d = x - y
+            r["n"] = int(d.size)
+            n_nan = int((~np.isfinite(s.to_numpy())).sum()) + int(ref.size - ref_ok.size)
+            if n_nan:
+                notes.append(f"{int((~np.isfinite(s.to_numpy())).sum())} config and "
+                             f"{int(ref.size - ref_ok.size)} reference run(s) diverged (non-finite), "
+                             "left out")
+            unpaired = (len(s) - len(shared)) - int((~np.isfinite(s.to_numpy())).sum())
+            if unpaired > 0:
+                notes.append(f"{unpaired} run(s) without a same-seed reference run left out")
+            if d.size:
+                r["diff"] = _mean(d)
+            if role == "check":
+                # the same value as the reference's in every seed (finite runs), up to rounding
+                same = bool(d.size and s.index.equals(ref.index)
+                            and np.all(np.abs(d) <= CHECK_RTOL * np.maximum(np.abs(x), np.abs(y))))
+                if same and not np.array_equal(x, y):
+                    notes.append("equal up to rounding (relative difference <= 1e-6)")
+                r["verdict"] = "same on every run: " + ("yes" if same else "no")
+                notes.append("check (data-only or constant metric): not tested")
+            elif (d.size >= 1 and s.index.equals(ref.index)
+                  and np.array_equal(s.to_numpy(), ref.to_numpy(), equal_nan=True)):
+                r.update(diff=0.0, ci95_low=0.0, ci95_high=0.0, ci90_low=0.0, ci90_high=0.0,
+                         sd_diff=0.0, verdict="identical")
+                notes.append(f"bitwise identical to {reference} in all {d.size} seeds: not tested, "
+                             "left out of the family")
+            elif d.size < 2:
+                r["verdict"] = "inconclusive"
+                notes.append("fewer than 2 paired seeds: not tested")
+            else:
+                core = paired_core(d, marg, scale=max(np.abs(x).max(), np.abs(y).max()))
+                for k in ("ci95_low", "ci95_high", "ci90_low", "ci90_high", "p", "tost_p"):
+                    r[k] = float(core[k])
+                r["diff"] = float(core["diff"])
+                r["sd_diff"] = float(core["sd"])
+                r["in_family"] = metric not in copies
+                if bool(core["zero_var"]):
+                    notes.append(f"{_fmt_num(r['diff'])} in every seed (sd of differences 0: p from "
+                                 f"the exact sign-flip test, 2/2^n = {2.0 ** (1 - d.size):.3g})")
+                if robust:
+                    r["p_signflip"] = _signflip_p(d, np.random.default_rng(0))
+            r["_notes"] = notes
+            rows.append(r)
+
+    # Holm within each family, for the difference p and the TOST p separately.
+    for role in ("primary", "secondary"):
+        fam = [r for r in rows if r["role"] == role and r["in_family"]]
+        if fam:
+            p_adj = holm_rows(np.array([r["p"] for r in fam]))
+            t_adj = holm_rows(np.array([r["tost_p"] for r in fam]))
+            t_adj = np.where(np.isnan([r["tost_p"] for r in fam]), np.nan, t_adj)
+            for r, pa, ta in zip(fam, p_adj, t_adj):
+                r["p_adj"], r["tost_p_adj"] = float(pa), float(ta)
+                r["verdict"] = str(decide_rows(pa, ta, alpha))
+                r["_notes"].append(f"{'confirmatory' if role == 'primary' else 'exploratory'}: "
+                                   f"Holm over {len(fam)} comparisons")
+    # Affine copies: the same test as the kept metric (t is invariant under y = k x + c).
+    index = {(r["config"], r["metric"]): r for r in rows}
+    for r in rows:
+        if r["metric"] in copies and r["verdict"] == "" and not math.isnan(r["p"]):
+            kept, k, c = copies[r["metric"]]
+            src = index[(r["config"], kept)]
+            consistent = (r["margin_source"] == src["margin_source"] == "seed-sd"
+                          or math.isclose(r["margin"], abs(k) * src["margin"], rel_tol=1e-6))
+            r["_notes"].append(f"exact affine copy of {kept} ({r['metric']} = {k:.6g} x {kept} "
+                               f"{'+' if c >= 0 else '-'} {abs(c):.3g}): same test, not counted in "
+                               "the family")
+            if consistent and src["verdict"] not in ("", "identical"):
+                r["p_adj"], r["tost_p_adj"], r["verdict"] = src["p_adj"], src["tost_p_adj"], src["verdict"]
+                r["_notes"].append(f"adjusted p and verdict are {kept}'s")
+            else:
+                r["verdict"] = str(decide_rows(r["p"], r["tost_p"], alpha))
+                r["_notes"].append("margin not proportional to the kept metric's: unadjusted p")
+    for r in rows:
+        notes = r.pop("_notes")
+        if r["verdict"] == "":
+            r["verdict"] = "inconclusive"
+        if r["verdict"] == "differs":
+            if r["tost_p_adj"] < alpha:
+                notes.append("significant but within margin")
+            elif abs(r["diff"]) < r["margin"]:
+                notes.append("significant; estimate inside margin, TOST not passed")
+            if robust and r["n"] >= 2:
+                if signflip_min_p(r["n"]) >= alpha:
+                    notes.append(f"n = {r['n']} too few for a sign-flip or rank test to reach "
+                                 f"p < {alpha:g} (smallest possible p {signflip_min_p(r['n']):.3g})")
+                elif r["p_signflip"] >= alpha:
+                    notes.append(f"sign-flip test not significant (p = {r['p_signflip']:.2g})")
+        r["note"] = "; ".join(notes)
+    out = pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+    out["n"] = out["n"].astype(int)
+    out["in_family"] = out["in_family"].astype(bool)
+    return out

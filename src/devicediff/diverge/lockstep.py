@@ -23,23 +23,15 @@ from pathlib import Path
 from typing import Callable
 
 from devicediff.diverge.compare import BEYOND, IDENTICAL, ROUNDING, Row, compare_free, compare_step, first, start_gap
-from devicediff.diverge.format import read_step
+from devicediff.stepfiles import read_step
 from devicediff.executors.base import Task
 from devicediff.executors.local import LocalExecutor, available_cores
+from devicediff.errors import DivergeError, StudyError
+from devicediff.job import Lockstep
 from devicediff.protocol import FINISHED
-from devicediff.study import Cell, Study, StudyError
+from devicediff.study import Cell, Study
 
 SIDES = ("A", "B")
-
-
-from devicediff.errors import DivergeError  # noqa: E402,F401 - re-exported
-
-
-def _seeds(study: Study, seed: int | None) -> tuple[int, int, int]:
-    seed = study.seeds[0] if seed is None else int(seed)
-    init_seed = seed if "init" in study.vary else study.base_seed
-    data_seed = seed if "data" in study.vary else study.base_seed
-    return seed, init_seed, data_seed
 
 
 def analysis_key(a: str, b: str, seed: int, steps: int) -> str:
@@ -55,18 +47,17 @@ def default_workdir(store_path: str | None, study: Study, key: str) -> Path:
     return artifacts_root(store_path) / "diverge" / tag
 
 
-def _task(study: Study, cell: Cell, side: str, workdir: Path, steps: int, repeat: str, free: bool) -> Task:
-    from devicediff.runner import build_job, python_for
+def _task(study: Study, cell: Cell, side: str, workdir: Path, steps: int, repeat: str, free: bool,
+          python: str) -> Task:
+    from devicediff.runner import build_job
 
     run_dir = workdir / side
     if run_dir.exists():
         shutil.rmtree(run_dir)  # stale step files of an interrupted diverge must not be read
     run_dir.mkdir(parents=True)
     run_id = f"diverge-{side}-" + hashlib.sha256(f"{study.study_id}|{cell.key}|{workdir}".encode()).hexdigest()[:10]
-    job = build_job(study, cell, run_id, run_dir)
-    job["checkpoint_path"] = None
-    job["snapshots"] = False
-    job["lockstep"] = {"steps": int(steps), "dir": str(run_dir / "steps"), "repeat": repeat, "free": bool(free)}
+    job = build_job(study, cell, run_id, run_dir,
+                    lockstep=Lockstep(steps=int(steps), dir=str(run_dir / "steps"), repeat=repeat, free=bool(free)))
     cfg = cell.config
     # Cores this side needs, so the executor runs the sides together only when they fit: its
     # threads; a GPU side one (it is not pinned, so its float64 reference may use more); a CPU
@@ -74,7 +65,7 @@ def _task(study: Study, cell: Cell, side: str, workdir: Path, steps: int, repeat
     cpus = cfg.threads or (1 if cfg.is_gpu else len(available_cores()))
     return Task(
         run_id=run_id, job=job, cpus=cpus, gpus=1 if cfg.is_gpu else 0,
-        log_path=str(run_dir / "worker.log"), python=python_for(cell), label=f"{side}: {cfg.name}",
+        log_path=str(run_dir / "worker.log"), python=python, label=f"{side}: {cfg.name}",
     )
 
 
@@ -192,12 +183,17 @@ def diverge(
         raise StudyError(f"diverge: --steps must be >= 1, got {steps}")
     if threshold <= 1:
         raise StudyError(f"diverge: --threshold must be > 1 (a ratio), got {threshold}")
-    cfgs = {"A": study.config(a), "B": study.config(b)}
-    seed, init_seed, data_seed = _seeds(study, seed)
+    from devicediff.runner import preflight
+
+    seed = study.seeds[0] if seed is None else int(seed)
+    cells = {"A": study.cell(study.config(a), seed), "B": study.cell(study.config(b), seed)}
+    cfgs = {side: c.config for side, c in cells.items()}
+    init_seed, data_seed = cells["A"].init_seed, cells["A"].data_seed
+    pythons = preflight(study, [a, b])  # parameters, data and environments, before anything runs
     key = analysis_key(a, b, seed, steps)
     scratch = not workdir and (not store_path or store_path == ":memory:")  # a temporary folder of ours
     workdir = Path(workdir) if workdir else default_workdir(store_path, study, key)
-    tasks = {side: _task(study, Cell(cfgs[side], seed, init_seed, data_seed), side, workdir, steps, repeat, free)
+    tasks = {side: _task(study, cells[side], side, workdir, steps, repeat, free, pythons[cfgs[side].name])
              for side in SIDES}
     side_of = {t.run_id: s for s, t in tasks.items()}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import devicediff
+from devicediff.job import Job
 
 SRC_DIR = str(Path(devicediff.__file__).resolve().parent.parent)
 
@@ -23,7 +24,7 @@ SRC_DIR = str(Path(devicediff.__file__).resolve().parent.parent)
 @dataclass
 class Task:
     run_id: str
-    job: dict
+    job: Job
     cpus: int  # cores this run needs (its threads; 1 for GPU runs)
     gpus: int  # 0 or 1
     log_path: str
@@ -44,9 +45,9 @@ class Executor(ABC):
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
-def worker_env(job: dict, *, base: dict | None = None, gpu_index: int | None = None) -> dict:
+def worker_env(job: Job, *, base: dict | None = None, gpu_index: int | None = None) -> dict:
     """Environment for a run's worker, fixed before the framework loads."""
-    cfg = job["config"]
+    cfg = job.config
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = SRC_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"

@@ -23,7 +23,6 @@ touch the store: the parent is its only writer.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -33,6 +32,7 @@ import threading
 from typing import Callable, Iterator
 
 from devicediff.executors.base import Executor, Task, describe_exit, log_tail, worker_env
+from devicediff.job import Job
 from devicediff.protocol import FAILED, RECORD_FD_ENV, SKIPPED, read_records
 
 CORES_ENV = "DEVICEDIFF_CORES"
@@ -88,13 +88,13 @@ def requested_gpu(device: str) -> int | None:
     return int(device.split(":", 1)[1]) if device.startswith("cuda:") else None
 
 
-def place_job(job: dict, gpu: str | None) -> tuple[dict, dict]:
+def place_job(job: Job, gpu: str | None) -> tuple[Job, dict]:
     """The job as the worker must see it when ``gpu`` is its only visible GPU
     (device rewritten to ``cuda:0``), and a note of what was changed."""
-    device = str(job["config"].get("device", "cpu"))
+    device = job.device
     note: dict = {"requested_device": device, "device": device}
     if device.startswith("cuda") and gpu is not None:
-        job = {**job, "config": {**job["config"], "device": "cuda:0"}}
+        job = job.with_device("cuda:0")
         note.update(device="cuda:0", gpu=gpu, cuda_visible_devices=gpu)
     return job, note
 
@@ -119,7 +119,7 @@ def spawn_worker(task: Task, env: dict, cores: list[int] | None) -> tuple[subpro
     finally:
         os.close(w)
     try:
-        proc.stdin.write(json.dumps(task.job).encode())
+        proc.stdin.write(task.job.to_json().encode())
         proc.stdin.close()
     except BrokenPipeError:  # the worker died at once; its exit code says why
         pass
@@ -188,7 +188,7 @@ class LocalExecutor(Executor):
         """``(can_start, gpu)`` for a task; ``gpu`` None when no GPU is involved or known."""
         if not task.gpus or not gpus:
             return True, None
-        want = requested_gpu(str(task.job["config"].get("device", "cuda")))
+        want = requested_gpu(task.job.device)
         if want is not None:
             g = gpus[want]
             return slots[g] > 0, g
@@ -204,7 +204,7 @@ class LocalExecutor(Executor):
         out: queue.Queue = queue.Queue()
         pending: list[Task] = []
         for task in tasks:
-            want = requested_gpu(str(task.job["config"].get("device", "cpu"))) if task.gpus else None
+            want = requested_gpu(task.job.device) if task.gpus else None
             if want is not None and gpus and want >= len(gpus):
                 yield task, {"kind": "done", "state": SKIPPED,
                              "error": f"config asks for cuda:{want} but this machine shows {len(gpus)} GPU(s)"}

@@ -38,6 +38,7 @@ from typing import Iterator
 from devicediff.errors import UsageError
 from devicediff.executors.base import Executor, Task, worker_env
 from devicediff.executors.local import kill_worker, place_job, run_worker
+from devicediff.job import Job
 from devicediff.protocol import FAILED, SKIPPED
 
 INSTALL_HINT = ('--executor ray needs Ray, which is not installed here; install it with '
@@ -125,18 +126,18 @@ def node_run(payload: dict) -> Iterator[list[dict]]:
     yield its records in batches as they come."""
     import ray
 
-    job = dict(payload["job"])
+    job = Job.from_json(payload["job"])
     run_dir = payload["run_dir"]
     shared = _same_filesystem(run_dir, payload["token"])
     log_path = payload["log_path"]
     if not shared:
         local = Path(tempfile.gettempdir()) / "devicediff-ray" / payload["run_id"]
         local.mkdir(parents=True, exist_ok=True)
-        job["artifact_dir"] = str(local)
-        job["checkpoint_path"] = str(local / "checkpoint.pt")
+        ckpt = Path(job.checkpoint_path).name if job.checkpoint_path else None
+        job = job.with_(artifact_dir=str(local), checkpoint_path=str(local / ckpt) if ckpt else None)
         log_path = str(local / "worker.log")
     gpu = None
-    if str(job["config"].get("device", "cpu")).startswith("cuda"):
+    if job.device.startswith("cuda"):
         ids = [str(i) for i in ray.get_gpu_ids()]
         gpu = ",".join(ids) if ids else None
     job, note = place_job(job, gpu)
@@ -177,8 +178,8 @@ def node_run(payload: dict) -> Iterator[list[dict]]:
                 yield [{"kind": "_log", "data": f.read()}]
         except OSError:
             pass
-        if not Path(job["checkpoint_path"]).exists():  # keep only what a resumed run could use
-            shutil.rmtree(job["artifact_dir"], ignore_errors=True)
+        if not (job.checkpoint_path and Path(job.checkpoint_path).exists()):  # keep only what a resumed run could use
+            shutil.rmtree(job.artifact_dir, ignore_errors=True)
 
 
 def _stream(q: queue.Queue, placement: dict, shared: bool) -> Iterator[list[dict]]:
@@ -308,7 +309,7 @@ class RayExecutor(Executor):
                 if self.ship_files:
                     token = "ship"
                 payload = {
-                    "run_id": task.run_id, "job": task.job, "cpus": cpus, "gpus": task.gpus, "gpu_share": request["num_gpus"],
+                    "run_id": task.run_id, "job": task.job.to_json(), "cpus": cpus, "gpus": task.gpus, "gpu_share": request["num_gpus"],
                     "log_path": task.log_path,
                     "run_dir": run_dir, "token": token, "ray_resources": dict(task.ray_resources),
                     "python": None if task.python == sys.executable else task.python,

@@ -7,7 +7,8 @@ the plain-language verdict, the verdict table with the numbers behind it, curves
 band, difference to the reference, weight distance), bitwise table, noise floor, PredNet
 prediction grids, divergence analyses, runs that failed, and configs across machines.
 
-Data flow: ``data.load_study`` (records -> frames, config identity) -> ``analyse`` (statistics,
+Data flow: ``data.load_report_data`` (``analysis.load.load_results``: records -> frames, config
+identity, verdicts; plus weights, artifacts, diverge analyses) -> ``analyse`` (statistics,
 pure functions of ``devicediff.analysis``) -> ``plots`` (PNG bytes) -> ``html`` (jinja2,
 autoescaped). Files are written to a temporary name and renamed, so a reader never sees half a
 report.
@@ -29,7 +30,7 @@ from devicediff.errors import UsageError
 from devicediff.analysis import curves as curve_fns
 from devicediff.analysis import frames
 from devicediff.report import plots
-from devicediff.report.data import StudyData, load_study
+from devicediff.report.data import StudyData, load_report_data
 from devicediff.store import Store
 
 __all__ = ["write_report", "analyse", "Analysis"]
@@ -87,27 +88,18 @@ def analyse(data: StudyData) -> Analysis:
     stats = _stats()
     if stats is None:
         a.problems.append("statistics unavailable: devicediff.analysis.stats could not be imported")
-    if len(fin):
-        a.metrics = [m for m in frames.metric_columns(fin) if fin[m].notna().any()]
-        a.headline = a.metrics[0] if a.metrics else None
-    d = data.definition
-    # -- verdicts ------------------------------------------------------------------------------
-    if stats is not None and a.metrics:
-        if fin["config"].nunique() < 2:
-            a.problems.append("verdicts: fewer than two configs have finished runs")
-        elif data.reference not in set(fin["config"]):
-            a.problems.append(f"verdicts: the reference {data.reference} has no finished runs")
-        else:
+    a.metrics = list(data.verdict_metrics)
+    a.headline = data.headline
+    # -- verdicts: computed once, by the loader (devicediff.analysis.load) ------------------------
+    if data.verdict_problem and stats is not None:
+        a.problems.append(data.verdict_problem)
+    if data.verdicts is not None:
+        a.verdicts = data.verdicts
+        for m in a.metrics:
             try:
-                a.verdicts = stats.verdict_table(fin, a.metrics, data.reference, margin=d.get("margin"),
-                                                 margin_fraction=d.get("margin_fraction", 0.5) or 0.5)
-                for m in a.metrics:
-                    try:
-                        a.sentences[m] = stats.summary_sentence(a.verdicts, m)
-                    except Exception:  # noqa: BLE001
-                        a.sentences[m] = _sentence_fallback(a.verdicts, m)
-            except Exception as e:  # noqa: BLE001
-                a.problems.append(f"verdicts could not be computed: {type(e).__name__}: {e}")
+                a.sentences[m] = stats.summary_sentence(a.verdicts, m)
+            except Exception:  # noqa: BLE001
+                a.sentences[m] = _sentence_fallback(a.verdicts, m)
     # -- noise floor and per-config description -------------------------------------------------
     if stats is not None and a.metrics:
         parts = []
@@ -298,7 +290,7 @@ def write_report(store: Store, out_dir: Path, study_name: str | None = None) -> 
     views = []
     dup_names = sel["name"].duplicated(keep=False)
     for (_, row), dup in zip(sel.iterrows(), dup_names):
-        data = load_study(store, row)
+        data = load_report_data(store, row)
         prefix = f"{_slug(data.name)}-{data.study_id[:8]}"
         images = _Images(out_dir, prefix)
         try:

@@ -1,64 +1,35 @@
-"""Data preparation for the report: one study's records as the frames every section reads.
-
-Config identity across machines (``NAME@MACHINE`` labels) is decided by
-:func:`devicediff.analysis.frames.config_identity`, which ``status`` uses too.
+"""Data for the report: one study's ``Results`` (the read side ``status`` and ``run`` use,
+:func:`devicediff.analysis.load.load_results`) plus what only the report shows: weight
+snapshots, artifacts (prediction grids) and ``diverge`` analyses.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import pandas as pd
 
-from devicediff.analysis import frames
-from devicediff.analysis.frames import config_identity
+from devicediff.analysis.load import Results, load_results
 from devicediff.store import Store
 
+ANALYSIS_COLUMNS = ["study_id", "kind", "key", "created", "payload"]
 
-@dataclass
-class StudyData:
-    study_id: str
-    name: str
-    definition: dict
-    reference: str  # label of the reference (config, or config@machine)
-    reference_config: str  # the study's reference config name
-    reference_machine: str | None
-    order: list[str]  # config labels: definition order, reference machine first
-    by_machine: bool  # labels carry the machine (a config ran on several machines)
-    machines: list[str]
-    runs: pd.DataFrame  # all runs, ``config`` relabelled, ``base_config`` the study's name
-    metrics: pd.DataFrame
-    per_run: pd.DataFrame  # all runs
-    finished: pd.DataFrame  # per_run of finished runs
+
+@dataclass(frozen=True, kw_only=True)
+class StudyData(Results):
     weights: pd.DataFrame
     artifacts: pd.DataFrame
-    analyses: pd.DataFrame
-    notes: list[str] = field(default_factory=list)
+    analyses: pd.DataFrame  # ``diverge`` results stored for this study
 
 
-def load_study(store: Store, study: pd.Series) -> StudyData:
-    """Everything the report needs about one study (a row of ``store.studies()``)."""
-    d = study["definition"] if isinstance(study["definition"], dict) else {}
-    reference = d.get("reference", "")
-    config_order = [c.get("name") for c in d.get("configs", []) if isinstance(c, dict)]
-    runs = store.runs(study["study_id"])
-    ids = list(runs["run_id"]) if len(runs) else []
-    metrics = store.metrics(ids)
-    weights = store.weights(ids)
-    artifacts = store.artifacts(ids)
+def load_report_data(store: Store, study) -> StudyData:
+    """Everything the report needs about one study (a row of ``store.studies()``, a study id or
+    name, or a ``Study``)."""
+    r = load_results(store, study)
+    ids = list(r.runs["run_id"]) if len(r.runs) else []
     try:
-        analyses = store.analyses(study["study_id"], "diverge")
+        analyses = store.analyses(r.study_id, "diverge")
     except Exception:  # noqa: BLE001 - a store without analyses support still reports
-        analyses = pd.DataFrame(columns=["study_id", "kind", "key", "created", "payload"])
-    runs, ref_label, ref_machine, by_machine, order = config_identity(runs, reference, config_order)
-    pr = frames.per_run(runs, metrics) if len(runs) else pd.DataFrame(columns=frames.RUN_KEYS)
-    if "base_config" not in pr.columns and len(runs):
-        pr = pr.merge(runs[["run_id", "base_config"]], on="run_id", how="left")
-    fin = pr[pr["state"] == "finished"] if len(pr) else pr
-    machines = list(pd.unique(runs["machine"])) if len(runs) and "machine" in runs.columns else []
-    return StudyData(
-        study_id=study["study_id"], name=str(study["name"]), definition=d, reference=ref_label,
-        reference_config=reference, reference_machine=ref_machine, order=order, by_machine=by_machine,
-        machines=machines, runs=runs, metrics=metrics, per_run=pr, finished=fin, weights=weights,
-        artifacts=artifacts, analyses=analyses,
-    )
+        analyses = pd.DataFrame(columns=ANALYSIS_COLUMNS)
+    return StudyData(**{f.name: getattr(r, f.name) for f in fields(Results)},
+                     weights=store.weights(ids), artifacts=store.artifacts(ids), analyses=analyses)

@@ -21,7 +21,8 @@ import pandas as pd
 from devicediff.protocol import FAILED, FINISHED, RUNNING, SKIPPED
 
 
-from devicediff.errors import StoreError  # noqa: E402,F401 - re-exported
+from devicediff.errors import StoreError, StudyError  # noqa: E402,F401 - re-exported
+from devicediff.store.identity import conflict_message, differences  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Store(ABC):
     # -- studies ----------------------------------------------------------------
     @abstractmethod
     def put_study(self, study_id: str, name: str, definition: dict) -> None:
-        """Register a study; idempotent for the same id."""
+        """Register a study; idempotent for the same id. A *different* study under a name the
+        store already holds raises ``StudyError`` (see ``check_study``) and writes nothing."""
 
     @abstractmethod
     def studies(self) -> pd.DataFrame:
@@ -134,6 +136,25 @@ class Store(ABC):
                 threads_used=rec.get("threads_used"),
             )
         # started/progress/lockstep records are not stored here
+
+    def check_study(self, study_id: str, name: str, definition: dict) -> None:
+        """Raise ``StudyError`` when the store holds another study under ``name``: one whose
+        identity (``devicediff.store.identity.IDENTITY_KEYS``) differs from ``definition``.
+        The message names the first field that differs and the way out (``--name``, ``--store``).
+        The same study with other seeds, or under the same id, is not a conflict."""
+        studies = self.studies()
+        if studies.empty:
+            return
+        same_name = studies[(studies["name"] == name) & (studies["study_id"] != study_id)]
+        for stored in same_name["definition"]:
+            diffs = differences(definition, stored if isinstance(stored, dict) else {})
+            if diffs:
+                raise StudyError(conflict_message(name, self.where, diffs))
+
+    @property
+    def where(self) -> str:
+        """How messages name this store."""
+        return "the store"
 
     def unfinished(self, study_id: str) -> list[str]:
         runs = self.runs(study_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -50,25 +51,56 @@ class SQLiteStore(Store):
     Opening checks that the file is a devicediff store of a schema this version
     understands; a foreign, corrupt, newer or locked file raises ``StoreError``
     and is left untouched. ``create=False`` refuses to create a new file.
+
+    ``readonly=True`` (reading commands: status, report, export, merge inputs) never writes and
+    never leaves a ``-wal``/``-shm`` file beside the store: where the file and its folder are
+    writable it reads through an ordinary connection that refuses writes (``query_only``), whose
+    close removes SQLite's side files as usual; where they are not, through ``mode=ro`` (and
+    ``immutable=1`` when no writer's journal is there). Without ``readonly``, a store that cannot
+    be written is refused with one line before anything is opened.
+
+    ``flag`` is the command-line option messages name (``--store``, ``--out``; ``""`` for a
+    merge input, named by its path alone).
     """
 
-    def __init__(self, path: str | Path = "devicediff.db", *, create: bool = True, timeout: float = 5.0):
+    def __init__(self, path: str | Path = "devicediff.db", *, create: bool = True, readonly: bool = False,
+                 timeout: float = 5.0, flag: str = "--store"):
         self.path = str(path)
+        self.readonly = readonly
+        self._label = f"{flag} {self.path}" if flag and flag != "--store" else f"store {self.path}"
+        self._another = f"choose another {flag}" if flag else "check the path"
+        uri = None
         if self.path != ":memory:":
             p = Path(self.path)
             if p.is_dir():
-                raise StoreError(f"store {self.path}: is a directory; give a file path such as {p / 'devicediff.db'}")
-            if not p.exists() and not create:
-                raise StoreError(f"store {self.path}: no such file; run a study first or check --store")
+                raise StoreError(f"{self._label}: is a directory; give a file path such as {p / 'devicediff.db'}")
+            if not p.exists() and (not create or readonly):
+                raise StoreError(f"{self._label}: no such file; run a study first or {self._another}")
             if p.exists() and p.stat().st_size > 0:
-                with open(p, "rb") as f:
-                    if f.read(16) != b"SQLite format 3\x00":
-                        raise StoreError(f"store {self.path}: not an SQLite file (corrupt or foreign); move it away or choose another --store")
+                try:
+                    with open(p, "rb") as f:
+                        head = f.read(16)
+                except OSError as e:
+                    raise StoreError(f"{self._label}: cannot read ({e.strerror})") from None
+                if head != b"SQLite format 3\x00":
+                    raise StoreError(f"{self._label}: not an SQLite file (corrupt or foreign); move it away or {self._another}")
             if not p.parent.exists():
-                raise StoreError(f"store {self.path}: folder {p.parent} does not exist")
+                raise StoreError(f"{self._label}: folder {p.parent} does not exist")
+            writable = _writable(p)
+            if readonly and not writable:
+                uri = p.resolve().as_uri() + "?mode=ro"
+                if not Path(self.path + "-wal").exists():
+                    uri += "&immutable=1"  # no writer's journal: nothing to merge in, nothing to create
+            elif not readonly and not writable:
+                what = f"the file or its folder {p.parent}" if p.exists() else f"the folder {p.parent}"
+                raise StoreError(f"{self._label}: cannot be written ({what} is read-only); "
+                                 f"{self._another}, or copy the store somewhere writable")
         self._db = None
         try:
-            self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            if uri is not None:
+                self._db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+            else:
+                self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
             self._check_and_init()
         except (sqlite3.Error, StoreError) as e:
             if self._db is not None:
@@ -77,10 +109,14 @@ class SQLiteStore(Store):
                 raise
             msg = str(e)
             if "locked" in msg or "busy" in msg:
-                raise StoreError(f"store {self.path}: locked by another process; wait for it to finish or use another --store") from None
+                raise StoreError(f"{self._label}: locked by another process; wait for it to finish or {self._another}") from None
             if isinstance(e, sqlite3.OperationalError):
-                raise StoreError(f"store {self.path}: cannot open ({msg})") from None
-            raise StoreError(f"store {self.path}: unreadable SQLite file ({e}); move it away or choose another --store") from None
+                raise StoreError(f"{self._label}: cannot open ({msg})") from None
+            raise StoreError(f"{self._label}: unreadable SQLite file ({e}); move it away or {self._another}") from None
+
+    @property
+    def where(self) -> str:
+        return "an in-memory store" if self.path == ":memory:" else self._label
 
     # -- schema --------------------------------------------------------------------------
     def _check_and_init(self) -> None:
@@ -89,17 +125,22 @@ class SQLiteStore(Store):
         app_id = db.execute("PRAGMA application_id").fetchone()[0]
         if existing and app_id != APP_ID:
             raise StoreError(
-                f"store {self.path}: an SQLite database that devicediff did not write (tables {sorted(existing)[:4]}); choose another --store"
+                f"{self._label}: an SQLite database that devicediff did not write (tables {sorted(existing)[:4]}); {self._another}"
             )
         if existing:
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             version = int(row[0]) if row else 0
             if version > SCHEMA_VERSION:
                 raise StoreError(
-                    f"store {self.path}: written by a newer devicediff (schema {version} > {SCHEMA_VERSION}); upgrade devicediff to read it"
+                    f"{self._label}: written by a newer devicediff (schema {version} > {SCHEMA_VERSION}); upgrade devicediff to read it"
                 )
             if version < SCHEMA_VERSION:
-                raise StoreError(f"store {self.path}: schema {version} is too old for this devicediff ({SCHEMA_VERSION})")
+                raise StoreError(f"{self._label}: schema {version} is too old for this devicediff ({SCHEMA_VERSION})")
+        if self.readonly:
+            if not existing:
+                raise StoreError(f"{self._label}: an empty file, not a devicediff store; run a study first or {self._another}")
+            db.execute("PRAGMA query_only=ON")
+            return
         if self.path != ":memory:":
             db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -115,14 +156,16 @@ class SQLiteStore(Store):
     def _error(self, e: sqlite3.Error) -> StoreError:
         msg = str(e)
         if "locked" in msg or "busy" in msg:
-            return StoreError(f"store {self.path}: locked by another process; wait for it to finish or use another --store")
+            return StoreError(f"{self._label}: locked by another process; wait for it to finish or {self._another}")
         if isinstance(e, sqlite3.OperationalError):
-            return StoreError(f"store {self.path}: cannot write ({msg})")
-        return StoreError(f"store {self.path}: unreadable SQLite file ({msg}); move it away or choose another --store")
+            return StoreError(f"{self._label}: cannot write ({msg})")
+        return StoreError(f"{self._label}: unreadable SQLite file ({msg}); move it away or {self._another}")
 
     @contextmanager
     def _tx(self):
         """One write transaction; a lock held elsewhere or a failed write is a one-line ``StoreError``."""
+        if self.readonly:
+            raise StoreError(f"{self._label}: opened read-only; a command that writes needs a writable store")
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
@@ -149,6 +192,7 @@ class SQLiteStore(Store):
     # -- studies ---------------------------------------------------------------------------
     def put_study(self, study_id: str, name: str, definition: dict) -> None:
         with self._tx():
+            self.check_study(study_id, name, definition)  # inside the write lock: no other writer in between
             self._db.execute(
                 "INSERT OR IGNORE INTO studies VALUES (?, ?, ?, ?)", (study_id, name, dumps(definition), time.time())
             )
@@ -251,6 +295,10 @@ class SQLiteStore(Store):
         df["payload"] = df["payload"].map(json.loads)
         return df
 
+    def connection(self) -> sqlite3.Connection:
+        """The open connection, for ``devicediff.store.merge`` (store-internal; SQL stays in store/)."""
+        return self._db
+
     def integrity_check(self) -> str:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0]
 
@@ -262,3 +310,9 @@ class SQLiteStore(Store):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _writable(p: Path) -> bool:
+    """Can this process write the store and create SQLite's side files (``-wal``, ``-shm``) beside it?"""
+    folder_ok = os.access(p.parent, os.W_OK | os.X_OK)
+    return folder_ok and (not p.exists() or os.access(p, os.W_OK))

@@ -1,42 +1,72 @@
-"""Workload registry.
+"""Workload registry: one name map, parameter checking, and each workload's framework twins.
 
 A study names its workload as one of:
 
-- a built-in name: ``autoencoder``, ``prednet``;
+- a built-in name: ``autoencoder``, ``prednet``, ``classifier``;
 - an entry point in the ``devicediff.workloads`` group (a package's own plugin);
-- ``package.module:function`` or ``path/to/file.py:function`` (a path relative
-  to the study file), where ``function(**params)`` returns a ``Workload``.
+- ``package.module:function`` or ``path/to/file.py:function`` (a path relative to the study
+  file), where ``function(**params)`` returns a ``Workload`` (a class works too).
+
+Parameters are checked against the target's typed signature before anything runs
+(:func:`check_params`): unknown names, wrong types (an ``int`` parameter given ``2.5`` or
+``"abc"``), non-finite numbers and malformed lists fail with one line naming the key, the
+value and what is allowed. Ranges (``lr > 0``...) are the workload's own constructor's to
+check, with ``devicediff.errors.ParamError``.
+
+A built-in workload is a package ``workloads/<name>/`` holding its PyTorch workload and, where
+one exists, its twin in another framework (``chainer.py``). Importing this module loads no
+framework (the Chainer environment imports it too).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import math
 import sys
+import types
+import typing
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
-from devicediff.spec import Workload
-from devicediff.errors import StudyError
+from devicediff.errors import ParamError, StudyError
+
+
+@dataclass(frozen=True)
+class Builtin:
+    torch: str  # "module:Class" of the PyTorch workload
+    twins: dict = field(default_factory=dict)  # framework -> "module:Class" of its twin
+
 
 BUILTIN = {
-    "autoencoder": "devicediff.workloads.autoencoder:make",
-    "prednet": "devicediff.workloads.prednet:make",
+    "autoencoder": Builtin("devicediff.workloads.autoencoder.workload:Autoencoder",
+                           {"chainer": "devicediff.workloads.autoencoder.chainer:ChainerAutoencoder"}),
+    "prednet": Builtin("devicediff.workloads.prednet.workload:PredNetWorkload",
+                       {"chainer": "devicediff.workloads.prednet.chainer:ChainerPredNet"}),
+    "classifier": Builtin("devicediff.workloads.classifier:make"),
 }
+# Names that older studies and entry points use for the built-ins.
+_ALIASES = {"devicediff.workloads.autoencoder:make": "autoencoder", "devicediff.workloads.prednet:make": "prednet"}
 
 
 def _plugins() -> dict[str, str]:
-    try:
-        eps = entry_points(group="devicediff.workloads")
-    except TypeError:  # pragma: no cover - Python 3.9 API
-        eps = entry_points().get("devicediff.workloads", [])
-    return {ep.name: ep.value for ep in eps}
+    eps = entry_points(group="devicediff.workloads")
+    return {ep.name: ep.value for ep in eps if ep.name not in BUILTIN}
+
+
+def builtin_name(name: str) -> str | None:
+    """The built-in a workload name refers to, if any."""
+    name = _ALIASES.get(name, name)
+    return name if name in BUILTIN else None
 
 
 def _target(name: str) -> str:
-    if name in BUILTIN:
-        return BUILTIN[name]
+    b = builtin_name(name)
+    if b:
+        return BUILTIN[b].torch
     plugins = _plugins()
     if name in plugins:
         return plugins[name]
@@ -46,7 +76,7 @@ def _target(name: str) -> str:
     raise StudyError(f"workload.name: unknown workload {name!r}; use one of {known} or module:function")
 
 
-def _import_target(target: str) -> Callable[..., Workload]:
+def _import_target(target: str) -> Callable[..., Any]:
     mod_name, _, func = target.rpartition(":")
     if mod_name.endswith(".py"):
         path = Path(mod_name)
@@ -84,33 +114,121 @@ def check_workload_name(name: str) -> None:
     _import_target(target)
 
 
-def _check_params(name: str, fn: Callable, params: dict[str, Any]) -> None:
-    """Unknown parameter names fail with the list of known ones."""
-    import inspect
+def twin(name: str, framework: str) -> str | None:
+    """``module:Class`` of the workload's twin in ``framework`` (None: it has none)."""
+    b = builtin_name(name)
+    return BUILTIN[b].twins.get(framework) if b else None
 
-    target = getattr(fn, "__wrapped_workload__", fn)
+
+def twin_frameworks(name: str) -> list[str]:
+    b = builtin_name(name)
+    return sorted(BUILTIN[b].twins) if b else []
+
+
+def make_twin(name: str, framework: str, *args: Any):
+    """Build the ``framework`` twin of workload ``name`` (inside that framework's environment)."""
+    target = twin(name, framework)
+    if target is None:
+        raise ParamError(f"workload {name!r} has no {framework} version; {framework} runs {sorted(w for w in BUILTIN if twin(w, framework))}")
+    return _import_target(target)(*args)
+
+
+# -- parameters --------------------------------------------------------------------------------------
+
+
+def _signature_of(fn: Callable) -> inspect.Signature | None:
+    """The signature that names the parameters: a class's ``__init__``, or for a
+    ``make(**params)`` factory the module's ``WORKLOAD_CLASS``."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) and not inspect.isclass(fn):
+        cls = getattr(inspect.getmodule(fn), "WORKLOAD_CLASS", None)
+        if cls is not None:
+            return _signature_of(cls)
+    return sig
+
+
+def _hints(fn: Callable) -> dict[str, Any]:
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    if not inspect.isclass(fn) and any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+        cls = getattr(inspect.getmodule(fn), "WORKLOAD_CLASS", None)
+        target = cls.__init__ if cls is not None else target
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: check names only
+        return {}
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or none" if type(None) in args else "")
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text", dict: "a table"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner = args[0] if args else Any
+        return all(_fits(v, inner) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # a type we do not check (a user's own class)
+
+
+def check_params(name: str, fn: Callable, params: dict[str, Any]) -> None:
+    """Unknown parameter names and values that do not fit the typed signature fail with one line."""
+    sig = _signature_of(fn)
+    if sig is None:
         return
-    ps = sig.parameters.values()
+    ps = [p for p in sig.parameters.values() if p.name != "self"]
     if any(p.kind is p.VAR_KEYWORD for p in ps):
-        cls = getattr(fn, "__self__", None) or getattr(inspect.getmodule(fn), "WORKLOAD_CLASS", None)
-        if cls is None:
-            return
-        ps = inspect.signature(cls).parameters.values()
-        if any(p.kind is p.VAR_KEYWORD for p in ps):
-            return
+        return  # takes anything: nothing to check
     known = [p.name for p in ps if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    for k in params:
+    hints = _hints(fn)
+    for k, v in params.items():
         if k not in known:
-            raise StudyError(f"workload.{k}: unknown parameter for workload {name!r}; known parameters are {known}")
+            raise ParamError(f"workload.{k}: unknown parameter for workload {name!r}; known parameters are {known}")
+        hint = hints.get(k, Any)
+        if not _fits(v, hint):
+            if isinstance(v, float) and not math.isfinite(v):
+                problem = f"{v!r} is not a finite number"
+            else:
+                problem = f"expected {_describe(hint)}, got {v!r}"
+            raise ParamError(f"workload.{k}: {problem} (set in [workload], a config's params or --set {k}=...)")
 
 
-def make_workload(name: str, params: dict[str, Any]) -> Workload:
+def make_workload(name: str, params: dict[str, Any]):
+    """The PyTorch workload ``name`` with ``params``, checked."""
+    from devicediff.spec import Workload
+
     fn = _import_target(_target(name))
-    _check_params(name, fn, params)
+    check_params(name, fn, params)
     wl = fn(**params)
     if not isinstance(wl, Workload):
-        raise StudyError(f"workload {name!r}: {fn.__name__}() returned {type(wl).__name__}, not a devicediff.spec.Workload")
+        raise StudyError(f"workload {name!r}: {getattr(fn, '__name__', fn)}() returned {type(wl).__name__}, "
+                         "not a devicediff.spec.Workload")
     return wl

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from devicediff.data.mnist import DataError
+from devicediff.errors import DataError, ParamError
 from devicediff.spec import Batch, Workload, epoch_order
+from devicediff.workloads.prednet.data import prednet_data
 from devicediff.workloads.prednet.model import VARIANTS, PredNet, build_prednet
 
 FAULTS = ("none", "alias_targets")
@@ -148,9 +149,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, win: int 
     Computed in float64.
     """
     if x.shape != y.shape or x.dim() != 4:
-        raise ValueError(f"ssim: need two (N, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ParamError(f"ssim: need two (N, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if min(x.shape[-2:]) < win:
-        raise ValueError(f"ssim: images of {tuple(x.shape[-2:])} are smaller than the {win}x{win} window")
+        raise ParamError(f"ssim: images of {tuple(x.shape[-2:])} are smaller than the {win}x{win} window")
     x, y = x.to(torch.float64), y.to(torch.float64)
     n, c, h, w = x.shape
     g = _gaussian(win, sigma, x.dtype, x.device)
@@ -176,6 +177,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, win: int 
 
 class PredNetWorkload(Workload):
     name = "prednet"
+    primary_metrics = ("eval_mse",)
+    # Data-only metrics: the same on every run by construction (a check, never a test).
+    check_metrics = ("baseline_mse", "baseline_ssim")
 
     def __init__(
         self,
@@ -210,73 +214,54 @@ class PredNetWorkload(Workload):
         conv_routes: str = "auto",
     ):
         if variant not in VARIANTS:
-            raise ValueError(f"prednet.variant {variant!r} unknown; use one of {list(VARIANTS)}")
+            raise ParamError(f"prednet.variant {variant!r} unknown; use one of {list(VARIANTS)}")
         if fault not in FAULTS:
-            raise ValueError(f"prednet.fault {fault!r} unknown; use one of {list(FAULTS)}")
+            raise ParamError(f"prednet.fault {fault!r} unknown; use one of {list(FAULTS)}")
         if fault != "none" and variant != "chainer-lineage":
-            raise ValueError("prednet.fault = 'alias_targets' needs variant = 'chainer-lineage' (lotter's loss has no targets)")
+            raise ParamError("prednet.fault = 'alias_targets' needs variant = 'chainer-lineage' (lotter's loss has no targets)")
         d = DEFAULTS[variant]
         if nt is not None:
             if variant != "lotter":
-                raise ValueError("prednet.nt is lotter's sequence length; for chainer-lineage set window (BPTT window)")
+                raise ParamError("prednet.nt is lotter's sequence length; for chainer-lineage set window (BPTT window)")
             if window is not None and window != nt:
-                raise ValueError(f"prednet: nt = {nt} and window = {window} disagree; give one")
+                raise ParamError(f"prednet: nt = {nt} and window = {window} disagree; give one")
             window = nt
         self.variant = variant
         self.fault = fault
         if conv_routes not in ("auto", "plain"):
-            raise ValueError(f"prednet.conv_routes {conv_routes!r} unknown; use 'auto' (measured cuDNN routes on Hopper) or 'plain'")
+            raise ParamError(f"prednet.conv_routes {conv_routes!r} unknown; use 'auto' (measured cuDNN routes on Hopper) or 'plain'")
         self.conv_routes = conv_routes
         self.height = int(height if height is not None else d["height"])
         self.width = int(width if width is not None else d["width"])
         self.window = int(window if window is not None else d["window"])
         self.batch_size = int(batch_size if batch_size is not None else d["batch_size"])
+        if not lr > 0:
+            raise ParamError(f"prednet.lr must be > 0, got {lr}")
         self.lr = float(lr)
         self.lr_drop = bool(d["lr_drop"] if lr_drop is None else lr_drop)
         if variant == "lotter":
             self.sequence_length = int(sequence_length if sequence_length is not None else self.window)
             if self.sequence_length != self.window:
-                raise ValueError(f"prednet (lotter): sequence_length {sequence_length} must equal window/nt {self.window}")
+                raise ParamError(f"prednet (lotter): sequence_length {sequence_length} must equal window/nt {self.window}")
         else:
             self.sequence_length = int(sequence_length if sequence_length is not None else 20)
         if self.window < 1 or self.batch_size < 1:
-            raise ValueError(f"prednet: window and batch_size must be >= 1, got {self.window}, {self.batch_size}")
+            raise ParamError(f"prednet: window and batch_size must be >= 1, got {self.window}, {self.batch_size}")
         if self.sequence_length < 2:
-            raise ValueError(f"prednet: sequence_length must be >= 2 (an input and a target), got {self.sequence_length}")
+            raise ParamError(f"prednet: sequence_length must be >= 2 (an input and a target), got {self.sequence_length}")
         if min(self.height, self.width) < 11:
-            raise ValueError(f"prednet: {self.height}x{self.width} is too small for the 11x11 SSIM window; use >= 11")
+            raise ParamError(f"prednet: {self.height}x{self.width} is too small for the 11x11 SSIM window; use >= 11")
         self.data = str(data)
         self.dataset_seed = int(dataset_seed)
         self.eval_batch_size = int(eval_batch_size)
         self.grid_frames = int(grid_frames)
 
         # -- data (fails here, before any training, with a one-line DataError) --
-        self.data_info: dict[str, Any] = {"source": self.data}
-        if self.data == "moving_mnist":
-            from devicediff.data.moving_mnist import moving_mnist
-
-            n_train = int(sequences if sequences is not None else 1000)
-            n_test = int(test_sequences if test_sequences is not None else max(1, n_train // 10))
-            gen = dict(frames=self.sequence_length, canvas=int(mnist_canvas), digits=int(mnist_digits),
-                       size=(self.height, self.width), mnist_root=mnist_root)
-            # Train digits from MNIST train, held-out digits from MNIST test: no digit image is shared.
-            train = moving_mnist(n_train, seed=self.dataset_seed, split="train", **gen)
-            test = moving_mnist(n_test, seed=self.dataset_seed + 1_000_003, split="test", **gen)
-            if color == "rgb":
-                train, test = np.repeat(train, 3, axis=2), np.repeat(test, 3, axis=2)
-            self.data_info.update(canvas=int(mnist_canvas), digits=int(mnist_digits), split="MNIST train/test digits")
-        else:
-            from devicediff.data.video import video_sequences
-
-            train, test, info = video_sequences(
-                self.data, height=self.height, width=self.width, length=self.sequence_length, color=color,
-                test_fraction=test_fraction, scene_cuts=scene_cuts, fit=fit,
-            )
-            self.data_info.update(info)
-            if sequences is not None:
-                train = train[: int(sequences)]
-            if test_sequences is not None:
-                test = test[: int(test_sequences)]
+        train, test, self.data_info = prednet_data(
+            self.data, sequence_length=self.sequence_length, height=self.height, width=self.width,
+            sequences=sequences, test_sequences=test_sequences, dataset_seed=self.dataset_seed, color=color, fit=fit,
+            test_fraction=test_fraction, scene_cuts=scene_cuts, mnist_canvas=mnist_canvas, mnist_digits=mnist_digits,
+            mnist_root=mnist_root)
         if len(train) < self.batch_size:
             raise DataError(
                 f"data {self.data!r}: {len(train)} training sequence(s), fewer than batch_size {self.batch_size}; "
@@ -292,12 +277,12 @@ class PredNetWorkload(Workload):
         if channels is None:
             nl = int(layers) if layers is not None else 4
             if nl < 1:
-                raise ValueError(f"prednet.layers must be >= 1, got {layers}")
+                raise ParamError(f"prednet.layers must be >= 1, got {layers}")
             channels = default_channels(nl, in_ch)
         else:
             channels = [int(c) for c in channels]
             if layers is not None and int(layers) != len(channels):
-                raise ValueError(f"prednet: layers = {layers} but channels has {len(channels)} entries; give one")
+                raise ParamError(f"prednet: layers = {layers} but channels has {len(channels)} entries; give one")
             if channels[0] != in_ch:
                 raise DataError(
                     f"prednet.channels[0] = {channels[0]} but data {self.data!r} has {in_ch} channel(s); "
@@ -309,10 +294,14 @@ class PredNetWorkload(Workload):
         if layer_loss_weights is None:
             layer_loss_weights = [1.0] + [0.0] * (nl - 1)
         if len(layer_loss_weights) != nl:
-            raise ValueError(f"prednet.layer_loss_weights needs {nl} entries (one per layer), got {layer_loss_weights}")
+            raise ParamError(f"prednet.layer_loss_weights needs {nl} entries (one per layer), got {layer_loss_weights}")
         self.layer_loss_weights = [float(v) for v in layer_loss_weights]
         # Fail on a bad architecture now rather than in the worker's build_model.
-        PredNet(variant=variant, channels=self.channels, r_channels=self.r_channels, height=self.height, width=self.width)
+        try:
+            PredNet(variant=variant, channels=self.channels, r_channels=self.r_channels, height=self.height,
+                    width=self.width)
+        except ValueError as e:
+            raise ParamError(f"prednet: {e}") from None
 
         self._state = None  # chainer-lineage: recurrent state carried across windows
         self._target_buffer = None  # alias_targets: the one reused target buffer

@@ -1,10 +1,9 @@
-"""Worker side of ``devicediff diverge``: step one config in lockstep (PyTorch).
+"""The PyTorch side of ``devicediff diverge``: one config stepped in lockstep.
 
-``torch_loop.run`` calls :func:`run_lockstep` when the job carries
-``job["lockstep"] = {"steps": N, "dir": DIR, "repeat": "auto", "free": True}``.
-The config's settings (threads, device, cuDNN, TF32) were applied by
-``torch_loop.prepare`` exactly as in a normal run; this module only changes
-what is done with the model.
+The worker builds this side over a ``TorchBackend`` when the job carries a ``Lockstep``;
+the config's settings (threads, device, cuDNN, TF32) were applied by the backend exactly
+as in a normal run; this module only changes what is done with the model.
+``frameworks._driver.lockstep`` runs the steps and writes the step files.
 
 Each step ``s = 1..N`` from one batch (the same batches a normal run sees):
 
@@ -31,7 +30,7 @@ Each step ``s = 1..N`` from one batch (the same batches a normal run sees):
    config and never re-synchronised; its loss and weights show how the two
    sides drift apart over steps.
 
-The step file is written with :func:`devicediff.diverge.format.write_step`
+The step file is written with :func:`devicediff.stepfiles.write_step`
 and announced with a ``lockstep`` record.
 
 Workloads that carry state between batches (PredNet's truncated BPTT) are
@@ -44,18 +43,16 @@ state itself is not teacher-forced.
 from __future__ import annotations
 
 import copy
-import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
-from devicediff.diverge.format import KINDS, LOSS_NAME, MODEL_NAME, assemble_step, key, write_step
-from devicediff.frameworks.torch_loop import Ctx, state_sha256, sync
-from devicediff.protocol import FINISHED
-from devicediff.spec import Batch, Workload, iter_batches, move_to
+from devicediff.stepfiles import KINDS, LOSS_NAME, MODEL_NAME, key
+from devicediff.frameworks import _driver
+from devicediff.frameworks.torch.backend import TorchBackend
+from devicediff.spec import Batch, Workload, move_to
 
 # -- capture --------------------------------------------------------------------------------
 
@@ -132,7 +129,7 @@ class Recorder:
 
     def forward_outputs(self) -> dict[str, torch.Tensor]:
         """``{name: tensor}`` in first-call order with the ``@K`` / ``:I`` suffixes."""
-        from devicediff.diverge.format import name_outputs
+        from devicediff.stepfiles import name_outputs
 
         return name_outputs(self.first, self.last, self.calls)
 
@@ -206,6 +203,8 @@ def run_step(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """One training step; returns ``{kind: {name: tensor}}`` (tensors on ``device``)."""
     _set_lr(optimizer, lr)
+    if not isinstance(batch, Batch):  # a workload may yield plain tensors
+        batch = Batch(batch)
     torch.manual_seed(seed)  # any in-step randomness draws the same numbers in every run of the step
     data = move_to(batch.data, device)
     if dtype is not None:
@@ -300,130 +299,66 @@ def teacher_sync(model, optimizer, model64, optimizer64) -> None:
             _round_into(v, v64)
 
 
-def _batches(ctx: Ctx):
-    """The run's batches in order (the same ones a normal run sees), across epochs, endless."""
-    epoch = 0
-    while True:
-        n = 0
-        for b in iter_batches(ctx.workload.train_batches(int(ctx.job["data_seed"]), epoch)):
-            n += 1
-            yield b
-        if n == 0:
-            raise RuntimeError("the workload yielded no batches")
-        epoch += 1
+# -- the side ------------------------------------------------------------------------------------
 
 
-# -- the lockstep loop ------------------------------------------------------------------------
+class TorchLockstep(_driver.LockstepSide):
+    """The working model (the config's dtype and device), its float64 reference on the CPU,
+    and a free-running copy, each with its own optimizer and its own copy of the workload's
+    carried state (``copy.copy``: a workload must *reassign* carried state, not mutate it)."""
 
+    def __init__(self, backend: TorchBackend):
+        self.backend = b = backend
+        wl, model, opt = b.workload, b.model, b.optimizer
+        self.on_gpu = b.device.type == "cuda"
+        self.use_lr = type(wl).learning_rate is not Workload.learning_rate
+        self.base_seed = int(b.job.init_seed) * 1_000_003
+        # Copies first, hooks after: a deep copy would carry the hooks along.
+        self.model64 = copy.deepcopy(model).to("cpu", torch.float64)
+        self.opt64 = wl.make_optimizer(self.model64)
+        self.wl64 = copy.copy(wl)
+        if b.job.lockstep.free:
+            self.model_free = copy.deepcopy(model)
+            self.opt_free = wl.make_optimizer(self.model_free)
+            self.opt_free.load_state_dict(clone_state(opt.state_dict()))
+            self.fwd_free = torch.compile(self.model_free) if b.job.config.get("compile") else self.model_free
+            self.wl_free = copy.copy(wl)
+        self.rec = Recorder(model)
+        self.rec64 = Recorder(self.model64)
+        self.opt64.load_state_dict(clone_state(opt.state_dict()))
 
-def _timed_write(outdir, step: int, arrays: dict) -> tuple[Any, float]:
-    t = time.perf_counter()
-    path = write_step(outdir, step, arrays)
-    return path, time.perf_counter() - t
+    def learning_rate(self, step: int) -> float | None:
+        return super().learning_rate(step) if self.use_lr else None
 
+    def teacher_sync(self) -> None:
+        teacher_sync(self.backend.model, self.backend.optimizer, self.model64, self.opt64)
 
-def run_lockstep(ctx: Ctx) -> None:
-    ls = ctx.job["lockstep"]
-    n_steps = int(ls["steps"])
-    outdir = ls["dir"]
-    repeat = str(ls.get("repeat", "auto"))
-    free = bool(ls.get("free", True))
-    if repeat not in ("auto", "always", "never"):
-        raise ValueError(f"lockstep.repeat {repeat!r}: use auto, always or never")
-    t_start = time.perf_counter()
-    wl, model, opt, dev = ctx.workload, ctx.model, ctx.optimizer, ctx.device
-    use_lr = type(wl).learning_rate is not Workload.learning_rate
-    base_seed = int(ctx.job["init_seed"]) * 1_000_003
+    def carried_state(self) -> dict:
+        return dict(vars(self.backend.workload))
 
-    # Copies first, hooks after: a deep copy would carry the hooks along.
-    model64 = copy.deepcopy(model).to("cpu", torch.float64)
-    opt64 = wl.make_optimizer(model64)
-    wl64 = copy.copy(wl)
-    if free:
-        model_free = copy.deepcopy(model)
-        opt_free = wl.make_optimizer(model_free)
-        opt_free.load_state_dict(clone_state(opt.state_dict()))
-        fwd_free = torch.compile(model_free) if ctx.job["config"].get("compile") else model_free
-        wl_free = copy.copy(wl)
-    rec = Recorder(model)
-    rec64 = Recorder(model64)
-    opt64.load_state_dict(clone_state(opt.state_dict()))
-    cpu = torch.device("cpu")
-    varied = False  # has any repeat come out with other bits?
+    def restore_carried(self, state: dict) -> None:
+        vars(self.backend.workload).clear()
+        vars(self.backend.workload).update(state)
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lockstep-write")
-    pending = None
+    def step(self, step: int, batch, lr):
+        b = self.backend
+        res = run_step(workload=b.workload, forward_model=b.forward_model, model=b.model, optimizer=b.optimizer,
+                       batch=batch, device=b.device, seed=self.base_seed + step, lr=lr, recorder=self.rec)
+        return _flatten(res, None)
 
-    def announce(p) -> None:
-        fut, s, tm = p
-        path, dt = fut.result()
-        tm["write"] = dt
-        ctx.writer.emit("lockstep", step=s, path=str(path), total=n_steps, timing={k: round(v, 6) for k, v in tm.items()})
-
-    batches = _batches(ctx)
-    for step in range(1, n_steps + 1):
-        batch = next(batches)
-        lr = wl.learning_rate(step - 1, ctx.total_steps) if use_lr else None
-        seed = base_seed + step
-        timing: dict[str, float] = {}
-
-        sync(dev)
-        t0 = time.perf_counter()
-        teacher_sync(model, opt, model64, opt64)
-        sync(dev)
-        timing["sync"] = time.perf_counter() - t0
-        wl_state = dict(vars(wl))  # carried state before the step (for the repeat)
-        res = run_step(workload=wl, forward_model=ctx.forward_model, model=model, optimizer=opt, batch=batch,
-                       device=dev, seed=seed, lr=lr, recorder=rec)
-        sync(dev)
-        t1 = time.perf_counter()
-        timing["config"] = t1 - t0 - timing["sync"]
-
-        do_repeat = repeat == "always" or (repeat == "auto" and (step == 1 or varied or dev.type == "cuda"))
-        res2 = None
-        if do_repeat:
-            # model64/opt64 still hold the exact pre-step state: reload it and run the step again.
-            teacher_sync(model, opt, model64, opt64)
-            vars(wl).clear()
-            vars(wl).update(wl_state)
-            res2 = run_step(workload=wl, forward_model=ctx.forward_model, model=model, optimizer=opt, batch=batch,
-                            device=dev, seed=seed, lr=lr, recorder=rec)
-            sync(dev)
-        t2 = time.perf_counter()
-        timing["repeat"] = t2 - t1
-
+    def reference_step(self, step: int, batch, lr):
         with default_dtype(torch.float64):
-            ref = run_step(workload=wl64, forward_model=model64, model=model64, optimizer=opt64, batch=batch,
-                           device=cpu, seed=seed, lr=lr, recorder=rec64, dtype=torch.float64)
-        t3 = time.perf_counter()
-        timing["ref64"] = t3 - t2
+            ref = run_step(workload=self.wl64, forward_model=self.model64, model=self.model64, optimizer=self.opt64,
+                           batch=batch, device=torch.device("cpu"), seed=self.base_seed + step, lr=lr,
+                           recorder=self.rec64, dtype=torch.float64)
+        return _flatten(ref, "ref64")
 
-        free_res = None
-        if free:
-            free_res = run_step(workload=wl_free, forward_model=fwd_free, model=model_free, optimizer=opt_free,
-                                batch=batch, device=dev, seed=seed, lr=lr, recorder=None)
-            sync(dev)
-        t4 = time.perf_counter()
-        timing["free"] = t4 - t3
+    def free_step(self, step: int, batch, lr):
+        res = run_step(workload=self.wl_free, forward_model=self.fwd_free, model=self.model_free,
+                       optimizer=self.opt_free, batch=batch, device=self.backend.device, seed=self.base_seed + step,
+                       lr=lr, recorder=None)
+        return to_numpy(res["loss"][LOSS_NAME]), {n: to_numpy(t) for n, t in res["weight"].items()}
 
-        arrays, step_varied = assemble_step(
-            step, _flatten(res, None), _flatten(ref, "ref64"), _flatten(res2, None) if res2 is not None else None,
-            free_loss=to_numpy(free_res["loss"][LOSS_NAME]) if free_res is not None else None,
-            free_weights={n: to_numpy(t) for n, t in free_res["weight"].items()} if free_res is not None else None)
-        varied = varied or step_varied
-        t5 = time.perf_counter()
-        timing["gather"] = t5 - t4
-        # The file is written by a helper thread while the next step computes (numpy releases
-        # the GIL while writing); the record goes out once the file is complete.
-        if pending is not None:
-            announce(pending)
-        timing["wait"] = time.perf_counter() - t5
-        timing["total"] = time.perf_counter() - t0
-        pending = (pool.submit(_timed_write, outdir, step, arrays), step, timing)
-    if pending is not None:
-        announce(pending)
-    pool.shutdown()
-    rec.remove()
-    rec64.remove()
-    ctx.writer.emit("done", state=FINISHED, final_sha256=state_sha256(model),
-                    wall_time=time.perf_counter() - t_start, steps_run=n_steps)
+    def close(self) -> None:
+        self.rec.remove()
+        self.rec64.remove()

@@ -1,4 +1,4 @@
-"""The lockstep step file (devicediff.diverge.format): what every side writes."""
+"""The lockstep step file (devicediff.stepfiles): what every side writes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from devicediff.diverge import format as fmt
+from devicediff import stepfiles as fmt
 
 
 def test_roundtrip_keeps_order_dtype_and_shape(tmp_path):
@@ -75,7 +75,7 @@ def test_bad_keys_and_dtypes_are_refused(tmp_path):
 
 def test_format_imports_with_numpy_and_stdlib_only():
     # An old framework's environment (Chainer 7.8, numpy<2, no torch) must be able to import it.
-    code = ("import sys, devicediff.diverge.format; "
+    code = ("import sys, devicediff.stepfiles; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', 'rich', 'scipy', 'matplotlib')); "
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

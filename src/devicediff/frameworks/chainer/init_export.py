@@ -8,18 +8,18 @@ it asks the main environment's interpreter to export them::
     TORCH_PYTHON -c "...init_export main()" --out DIR  < request.json
 
 ``request.json`` holds ``workload``, ``params`` and ``init_seed``. The exporter
-builds the workload and its model exactly as ``torch_loop.prepare`` does, and
+builds the workload and its model exactly as ``TorchBackend`` does, and
 writes into DIR
 
 * ``init_weights.npz``: the ``state_dict`` arrays under their PyTorch names
   (``layers.0.weight`` ...), in PyTorch's layout;
-* ``init_export.json``: ``sha256`` (``torch_loop.state_sha256`` of the model),
+* ``init_export.json``: ``sha256`` (``frameworks.torch.backend.state_sha256`` of the model),
   ``n_params``, ``names``, the workload's ``describe()``, and ``mnist_path``
   (where this environment finds MNIST, so the other environment reads the
   same file).
 
 The importing side hashes the arrays with ``state_sha256_arrays``, which is
-``torch_loop.state_sha256`` restated over numpy arrays (PyTorch dtype strings,
+``frameworks.torch.backend.state_sha256`` restated over numpy arrays (PyTorch dtype strings,
 sorted names), so a Chainer run stores the same ``init`` hash as a PyTorch run
 of the same seed. This module imports numpy only, except inside ``export``.
 """
@@ -36,18 +36,18 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from devicediff.frameworks import workload_params
+
 NPZ = "init_weights.npz"
 META = "init_export.json"
 
-#: numpy dtype -> the string ``str(torch.dtype)`` gives, as hashed by torch_loop.state_sha256
+#: numpy dtype -> the string ``str(torch.dtype)`` gives, as hashed by frameworks.torch.backend.state_sha256
 TORCH_DTYPE = {
     "float32": "torch.float32", "float64": "torch.float64", "float16": "torch.float16",
     "int64": "torch.int64", "int32": "torch.int32", "int16": "torch.int16", "int8": "torch.int8",
     "uint8": "torch.uint8", "bool": "torch.bool", "complex64": "torch.complex64", "complex128": "torch.complex128",
 }
 
-#: parameters of a study that only other frameworks read; the PyTorch workload must not see them
-NON_TORCH_PARAMS = ("frame_buffers", "adam")
 
 
 from devicediff.errors import EnvironmentBuildError as InitExportError  # noqa: E402
@@ -62,7 +62,7 @@ def torch_dtype_name(dtype) -> str:
 
 
 def state_sha256_arrays(named: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]) -> str:
-    """``torch_loop.state_sha256`` over ``{pytorch_name: array}``: SHA-256 of
+    """``frameworks.torch.backend.state_sha256`` over ``{pytorch_name: array}``: SHA-256 of
     ``f"{name}|{torch dtype}|{shape}|"`` + the C-order bytes, names sorted."""
     items = named.items() if isinstance(named, Mapping) else named
     h = hashlib.sha256()
@@ -74,30 +74,24 @@ def state_sha256_arrays(named: Mapping[str, np.ndarray] | Iterable[tuple[str, np
 
 
 def flat_weights_arrays(named_params: Mapping[str, np.ndarray]) -> np.ndarray:
-    """``torch_loop.flat_weights``: every parameter, sorted by name, flattened into one
+    """``frameworks.torch.backend.flat_weights``: every parameter, sorted by name, flattened into one
     vector in the parameters' own dtype (float32 stays float32, exactly)."""
     return np.concatenate([np.asarray(named_params[k]).reshape(-1) for k in sorted(named_params)])
-
-
-def torch_params(params: Mapping) -> dict:
-    return {k: v for k, v in params.items() if k not in NON_TORCH_PARAMS}
 
 
 # -- exporting (main environment, with torch) ------------------------------------------------
 
 
 def export(workload: str, params: dict, init_seed: int, outdir: Path) -> dict:
-    """Build the PyTorch model as ``torch_loop.prepare`` does and write it out."""
+    """Build the PyTorch model as ``TorchBackend`` does and write it out."""
     import torch
 
     from devicediff.data.mnist import mnist_pickle_path
-    from devicediff.frameworks.torch_loop import state_sha256
+    from devicediff.frameworks.torch.backend import build_initial_model, state_sha256
     from devicediff.workloads import make_workload
 
-    wl = make_workload(workload, torch_params(params))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(init_seed))
-        model = wl.build_model(int(init_seed))
+    wl = make_workload(workload, workload_params(params))
+    model = build_initial_model(wl, init_seed)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     arrays = {k: v.numpy() for k, v in state.items()}
     outdir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +119,7 @@ def export(workload: str, params: dict, init_seed: int, outdir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m devicediff.frameworks.init_export")
+    ap = argparse.ArgumentParser(prog="python -m devicediff.frameworks.chainer.init_export")
     ap.add_argument("--out", required=True, help="folder for init_weights.npz and init_export.json")
     args = ap.parse_args(argv)
     req = json.loads(sys.stdin.read())
@@ -140,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 # -- importing (any environment, numpy only) -----------------------------------------------------
 
 
-def torch_python(job: Mapping) -> str:
-    """The interpreter with torch that exports the initial weights: ``job["torch_python"]``
+def torch_python(job) -> str:
+    """The interpreter with torch that exports the initial weights: the job's ``torch_python``
     (the runner's own), else ``$DEVICEDIFF_TORCH_PYTHON``."""
-    py = job.get("torch_python") or os.environ.get("DEVICEDIFF_TORCH_PYTHON")
+    py = job.torch_python or os.environ.get("DEVICEDIFF_TORCH_PYTHON")
     if not py:
         raise InitExportError(
             "no PyTorch interpreter to build the initial weights: the job lacks torch_python; "
@@ -152,16 +146,15 @@ def torch_python(job: Mapping) -> str:
     return py
 
 
-def request(job: Mapping, outdir: Path, *, params: Mapping | None = None, timeout: float = 900) -> tuple[dict, dict]:
-    """Run the exporter for ``job`` in the torch interpreter; return ``(meta,
-    {name: array})``. The arrays' hash is checked against the exporter's."""
+def request(job, outdir: Path, *, timeout: float = 900) -> tuple[dict, dict]:
+    """Run the exporter for ``job`` (a ``devicediff.job.Job``) in the torch interpreter; return
+    ``(meta, {name: array})``. The arrays' hash is checked against the exporter's."""
     outdir = Path(outdir)
-    params = dict(params if params is not None else {**job.get("workload_params", {}), **job["config"].get("params", {})})
-    req = {"workload": job["workload"], "params": torch_params(params), "init_seed": int(job["init_seed"])}
+    req = {"workload": job.workload, "params": workload_params(job.params), "init_seed": int(job.init_seed)}
     py = torch_python(job)
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = ""  # built on CPU; never touch a GPU for this
-    argv = [py, "-c", "import sys; sys.path.pop(0); from devicediff.frameworks.init_export import main; "
+    argv = [py, "-c", "import sys; sys.path.pop(0); from devicediff.frameworks.chainer.init_export import main; "
             "sys.exit(main(sys.argv[1:]))", "--out", str(outdir)]
     try:
         r = subprocess.run(argv, input=json.dumps(req), capture_output=True, text=True, env=env, timeout=timeout)

@@ -27,8 +27,8 @@ numpy (no torch, no pandas).
 
 Create it ahead of time (e.g. before timing a study)::
 
-    python -m devicediff.frameworks.chainer_env          # prints the interpreter
-    python -m devicediff.frameworks.chainer_env --check  # versions, creates nothing
+    python -m devicediff.frameworks.chainer.env          # prints the interpreter
+    python -m devicediff.frameworks.chainer.env --check  # versions, creates nothing
 
 Standard library only.
 """
@@ -199,7 +199,7 @@ def check(python: str | None = None) -> str:
         named = os.environ.get(PYTHON_ENV)
         python = named or str(_interpreter(env_dir()))
         if not named and not is_ready(env_dir()):
-            raise ChainerEnvError(f"no Chainer environment at {env_dir()} yet; run `python -m devicediff.frameworks.chainer_env` to make it")
+            raise ChainerEnvError(f"no Chainer environment at {env_dir()} yet; run `python -m devicediff.frameworks.chainer.env` to make it")
     r = subprocess.run([python, "-c", _CHECK], capture_output=True, text=True)
     if r.returncode != 0:
         tail = r.stderr.strip().splitlines()
@@ -211,7 +211,7 @@ def check(python: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m devicediff.frameworks.chainer_env",
+    ap = argparse.ArgumentParser(prog="python -m devicediff.frameworks.chainer.env",
                                  description="Make (once) and print the Chainer 7.8.1 environment's interpreter.")
     ap.add_argument("--check", action="store_true", help="print the versions of an existing environment; make nothing")
     args = ap.parse_args(argv)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from devicediff.data.mnist import DataError, load_mnist
+from devicediff.data.mnist import load_mnist
+from devicediff.errors import ParamError
 from devicediff.spec import Batch, Workload, epoch_order
 
 
@@ -51,6 +52,7 @@ def init_linear(model: nn.Module, seed: int) -> None:
 
 class Autoencoder(Workload):
     name = "autoencoder"
+    primary_metrics = ("eval_loss",)
 
     def __init__(
         self,
@@ -65,17 +67,21 @@ class Autoencoder(Workload):
         fault: str = "none",
     ):
         if fault not in FAULTS:
-            raise DataError(f"autoencoder.fault {fault!r} unknown; use one of {list(FAULTS)}")
+            raise ParamError(f"autoencoder.fault {fault!r} unknown; use one of {list(FAULTS)}")
         self.fault = fault
         if batch_size < 1:
-            raise DataError(f"autoencoder.batch_size must be >= 1, got {batch_size}")
+            raise ParamError(f"autoencoder.batch_size must be >= 1, got {batch_size}")
+        if not lr > 0:
+            raise ParamError(f"autoencoder.lr must be > 0, got {lr}")
+        if not sizes or any(s < 1 for s in sizes):
+            raise ParamError(f"autoencoder.sizes must be a non-empty list of layer widths >= 1, got {list(sizes)}")
         self.sizes, self.batch_size, self.lr = list(sizes), int(batch_size), float(lr)
         x, _ = load_mnist("train", mnist_root)
         xe, _ = load_mnist(eval_split, mnist_root)
         self.train_x = torch.from_numpy(np.ascontiguousarray(x[:train_size]))
         self.eval_x = torch.from_numpy(np.ascontiguousarray(xe[:eval_size]))
         if len(self.train_x) < self.batch_size:
-            raise DataError(f"autoencoder: train_size {len(self.train_x)} is smaller than batch_size {batch_size}")
+            raise ParamError(f"autoencoder: train_size {len(self.train_x)} is smaller than batch_size {batch_size}")
         self.eval_split = eval_split
 
     def describe(self) -> dict[str, Any]:
@@ -113,8 +119,3 @@ class Autoencoder(Workload):
         return {"eval_loss": total / n}
 
 
-WORKLOAD_CLASS = Autoencoder
-
-
-def make(**params: Any) -> Autoencoder:
-    return Autoencoder(**params)

@@ -1,0 +1,210 @@
+"""The Chainer side of ``devicediff diverge``: the same protocol, steps and step-file keys
+(``devicediff.stepfiles``) as the PyTorch side, so a Chainer config can be diverged
+against a PyTorch one.
+
+Each step: teacher-force the working model and Adam state to the float64 reference (rounded
+to float32), run the config's step with forward and gradient recorders, repeat it when the
+driver asks, run the float64 reference step on the CPU (Chainer in float64, the same
+frame-buffer mode), and a free-running copy. Keys use the PyTorch names:
+``fwd/layers.0.lstm`` (leaf links; first call, and ``@K`` for the last of K calls;
+``fwd/<model>`` when the model itself is called and returns one array), ``grad/NAME`` in the
+order backward finished each parameter, ``weight/NAME``, ``loss/loss``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from devicediff.frameworks import _driver
+from devicediff.frameworks.chainer.backend import ChainerBackend
+
+
+def _link_name(path: str) -> str:
+    return path.strip("/").replace("/", ".")
+
+
+def _make_recorders(model):
+    import chainer
+
+    from devicediff.stepfiles import MODEL_NAME
+
+    class ForwardRecorder(chainer.LinkHook):
+        """Outputs of the leaf links (and of the model when it is called), host copies."""
+
+        name = "devicediff_lockstep_forward"
+
+        def __init__(self):
+            self.names = {}
+            for path, link in model.namedlinks():
+                root = path == "/"
+                if root or next(iter(link.children()), None) is None:
+                    self.names[id(link)] = (MODEL_NAME if root else _link_name(path), root)
+            self.reset()
+
+        def reset(self):
+            self.calls, self.first, self.last = {}, {}, {}
+
+        def forward_postprocess(self, args):
+            hit = self.names.get(id(args.link))
+            if hit is None:
+                return
+            name, root = hit
+            out = args.out
+            leaves = [out] if isinstance(out, chainer.Variable) else (
+                [v for v in out if isinstance(v, chainer.Variable)] if isinstance(out, (tuple, list)) else [])
+            if not leaves or (root and len(leaves) != 1):
+                return
+            snap = [chainer.backends.cuda.to_cpu(v.array).copy() for v in leaves]
+            k = self.calls.get(name, 0) + 1
+            self.calls[name] = k
+            (self.first if k == 1 else self.last)[name] = snap
+
+        def outputs(self) -> dict:
+            from devicediff.stepfiles import name_outputs
+
+            return name_outputs(self.first, self.last, self.calls)
+
+    class GradOrder(chainer.FunctionHook):
+        """Order in which backward finished each parameter: the last backward step that
+        fed it (PyTorch's post-accumulate-grad hook fires at that point)."""
+
+        name = "devicediff_lockstep_grad_order"
+
+        def __init__(self):
+            from devicediff.frameworks.chainer.common import torch_name
+
+            self.ids = {id(p): torch_name(path) for path, p in model.namedparams()}
+            self.reset()
+
+        def reset(self):
+            self.tick, self.last = 0, {}
+
+        def backward_postprocess(self, function, in_data, out_grad):
+            self.tick += 1
+            for node in getattr(function, "inputs", ()):
+                v = node.get_variable_or_none()
+                if v is not None and id(v) in self.ids:
+                    self.last[self.ids[id(v)]] = self.tick
+
+        def order(self) -> list:
+            return sorted(self.last, key=self.last.get)
+
+    return ForwardRecorder(), GradOrder()
+
+
+def _lockstep_step(wl, model, optimizer, batch, feed, lr, recorders=None) -> dict:
+    """One training step; returns ``{kind: {name: host array}}``."""
+    import contextlib
+
+    import chainer
+
+    from devicediff.frameworks.chainer.common import torch_name
+
+    if lr is not None:
+        optimizer.alpha = lr
+    model.cleargrads()
+    with contextlib.ExitStack() as stack:
+        if recorders is not None:
+            for r in recorders:
+                r.reset()
+                stack.enter_context(r)
+        loss = wl.loss(model, batch, feed)
+        loss.backward()
+    loss.unchain_backward()
+    params = {torch_name(path): p for path, p in model.namedparams()}
+    order = recorders[1].order() if recorders is not None else []
+    order += [n for n in params if n not in order]
+    to_cpu = chainer.backends.cuda.to_cpu
+    grads = {n: to_cpu(params[n].grad).copy() for n in order if params[n].grad is not None}
+    optimizer.update()
+    return {
+        "fwd": recorders[0].outputs() if recorders is not None else {},
+        "loss": {"loss": to_cpu(loss.array).copy()},
+        "grad": grads,
+        "weight": {n: to_cpu(p.array).copy() for n, p in params.items()},
+    }
+
+
+def _copy_state(src_model, src_opt, dst_model, dst_opt) -> None:
+    """dst := src, parameters and Adam state, cast to dst's dtype (round to nearest) and device."""
+    dst = dict(dst_model.namedparams())
+    xp = dst_model.xp
+    for path, p in src_model.namedparams():
+        q = dst[path]
+        host = chainer_to_cpu(p.array)
+        q.array[...] = xp.asarray(host.astype(q.array.dtype))
+        rs, rd = p.update_rule, q.update_rule
+        rd.t = rs.t
+        if rs.state is None:
+            rd._state = None
+        else:
+            rd._state = {k: xp.asarray(chainer_to_cpu(v).astype(q.array.dtype)) for k, v in rs.state.items()}
+    dst_opt.t, dst_opt.epoch = src_opt.t, src_opt.epoch
+
+
+def chainer_to_cpu(a):
+    import chainer
+
+    return chainer.backends.cuda.to_cpu(a)
+
+
+def _flatten(result: dict, prefix: str | None) -> dict:
+    from devicediff.stepfiles import KINDS, key
+
+    return {key(kind, name, prefix): np.asarray(a) for kind in KINDS for name, a in result.get(kind, {}).items()}
+
+
+class ChainerLockstep(_driver.LockstepSide):
+    def __init__(self, backend: ChainerBackend):
+        import chainer
+
+        from devicediff.frameworks.chainer.common import FrameFeeder, make_adam
+
+        self.backend = b = backend
+        wl, model, opt = b.workload, b.model, b.optimizer
+        mode = b.feed.mode
+        self.on_gpu = b.xp is not np
+
+        def new_opt(m):
+            o = make_adam(b.adam, wl.lr)
+            o.setup(m)
+            return o
+
+        with chainer.using_config("dtype", np.float64):
+            self.model64 = wl.build_model()  # on the CPU, float64 parameters
+        self.opt64 = new_opt(self.model64)
+        _copy_state(model, opt, self.model64, self.opt64)  # exact: float32 -> float64
+        self.wl64, self.feed64 = copy.copy(wl), FrameFeeder(mode, np, np.float64)
+        if b.job.lockstep.free:
+            self.model_free = copy.deepcopy(model)
+            self.opt_free = new_opt(self.model_free)
+            _copy_state(model, opt, self.model_free, self.opt_free)
+            self.wl_free, self.feed_free = copy.copy(wl), FrameFeeder(mode, b.xp)
+        self.rec, self.rec64 = _make_recorders(model), _make_recorders(self.model64)
+
+    def teacher_sync(self) -> None:
+        b = self.backend
+        _copy_state(self.model64, self.opt64, b.model, b.optimizer)  # teacher state, rounded to float32
+        _copy_state(b.model, b.optimizer, self.model64, self.opt64)  # and back, exactly
+
+    def carried_state(self) -> dict:
+        return dict(vars(self.backend.workload))
+
+    def restore_carried(self, state: dict) -> None:
+        vars(self.backend.workload).clear()
+        vars(self.backend.workload).update(state)
+
+    def step(self, step: int, batch, lr):
+        b = self.backend
+        return _flatten(_lockstep_step(b.workload, b.model, b.optimizer, batch, b.feed, lr, self.rec), None)
+
+    def reference_step(self, step: int, batch, lr):
+        return _flatten(_lockstep_step(self.wl64, self.model64, self.opt64, batch, self.feed64, lr, self.rec64), "ref64")
+
+    def free_step(self, step: int, batch, lr):
+        from devicediff.stepfiles import LOSS_NAME
+
+        res = _lockstep_step(self.wl_free, self.model_free, self.opt_free, batch, self.feed_free, lr)
+        return res["loss"][LOSS_NAME], res["weight"]
