@@ -7,6 +7,7 @@ naming what is wrong and how to fix it, exit code 2, and nothing written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -46,6 +47,8 @@ def cmd_run(args) -> int:
     if args.data:
         overrides["data"] = args.data
     study = load_study(args.study, overrides=overrides or None)
+    if args.name:
+        study = dataclasses.replace(study, name=args.name)
     if args.only:
         for name in args.only:
             study.config(name)  # unknown name: StudyError
@@ -281,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a workload parameter")
     r.add_argument("--only", action="append", metavar="CONFIG", help="run only these configs (repeatable)")
     r.add_argument("--retry-failed", action="store_true", help="run failed and skipped runs again")
+    r.add_argument("--name", default=None, help="store the study under this name (e.g. a variant of a preset)")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     r.set_defaults(func=cmd_run)
 

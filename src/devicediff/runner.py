@@ -63,7 +63,7 @@ def build_job(study: Study, cell: Cell, run_id: str, run_dir: Path, *, lockstep:
         budget=dict(vars(study.budget)),
         artifact_dir=str(run_dir),
         checkpoint_path=None if lockstep else str(run_dir / fw.checkpoint_file),
-        snapshots=lockstep is None,
+        snapshots=lockstep is None and study.snapshots,
         lockstep=lockstep,
         torch_python=sys.executable,  # builds initial weights for other frameworks (init_export)
     )

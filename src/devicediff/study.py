@@ -118,6 +118,7 @@ class Study:
     margin_fraction: float = 0.5  # default margin as a fraction of the seed-noise sd
     primary: tuple[str, ...] = ()  # metrics the confirmatory verdict answers (default: the workload's)
     portable_random: bool = False  # swap the model's dropout for devicediff.portable's (same bits on every device)
+    snapshots: bool = True  # keep a flat copy of the weights at every evaluation (the report's weight curves)
     source: str = ""  # file path or "preset:NAME"
 
     # -- identity ----------------------------------------------------------------
@@ -176,6 +177,7 @@ class Study:
             "margin": self.margin,
             "margin_fraction": self.margin_fraction,
             "primary": list(self.primary),
+            "snapshots": self.snapshots,
             **self.definition(),
         }
 
@@ -184,7 +186,8 @@ class Study:
 # Parsing
 # --------------------------------------------------------------------------------------
 
-_TOP_KEYS = {"name", "description", "workload", "configs", "reference", "seeds", "budget", "verdict", "portable_random"}
+_TOP_KEYS = {"name", "description", "workload", "configs", "reference", "seeds", "budget", "verdict", "portable_random",
+             "snapshots"}
 _WORKLOAD_KEYS = {"name"}  # plus arbitrary params
 _SEEDS_KEYS = {"count", "list", "vary", "base", "repeats"}
 _BUDGET_KEYS = {"epochs", "steps", "metric_every", "eval_every_steps", "checkpoint_every"}
@@ -416,6 +419,7 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
     for m in primary:
         _want("verdict.primary[]", m, (str,))
     portable = _want("portable_random", doc.get("portable_random", False), (bool,))
+    snapshots = _want("snapshots", doc.get("snapshots", True), (bool,))
     mf = verdict.get("margin_fraction", 0.5)
     _want("verdict.margin_fraction", mf, (int, float))
     if mf <= 0:
@@ -437,6 +441,7 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
         margin_fraction=float(mf),
         primary=tuple(primary),
         portable_random=portable,
+        snapshots=snapshots,
         source=source,
     )
     # The workload must exist: resolve it now so a typo fails before any run.
@@ -511,6 +516,7 @@ def study_from_definition(name: str, d: dict[str, Any]) -> Study:
         "budget": {k: v for k, v in d["budget"].items() if v is not None},
         "verdict": {k: d[k] for k in ("margin", "margin_fraction", "primary") if d.get(k) is not None},
         **({"portable_random": True} if d.get("portable_random") else {}),
+        **({"snapshots": False} if d.get("snapshots") is False else {}),
     }
     study = parse_study(doc, source="store")
     return study
