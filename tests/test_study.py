@@ -54,7 +54,7 @@ def test_study_id_changes_with_definition_not_notes():
         ({"reference": "zzz"}, "reference: 'zzz' is not a config name"),
         ({"seeds": 0}, "seeds.count: must be >= 1"),
         ({"seeds": {"list": []}}, "seeds.list: must hold at least one seed"),
-        ({"seeds": {"count": 2, "vary": ["dropout"]}}, "unknown noise source 'dropout'"),
+        ({"seeds": {"count": 2, "vary": ["weights"]}}, "unknown noise source 'weights'"),
         ({"workload": {"name": "nope"}}, "unknown workload 'nope'"),
         ({"budget": {"epochs": 1, "steps": 3}}, "either epochs or steps"),
         ({"configs": [{"name": "a", "reference": True, "device": "tpu"}, {"name": "b"}]}, "is not a device"),
@@ -110,3 +110,38 @@ def test_study_directory_only_for_files(tmp_path):
     p.write_text("[workload]\nname = \"autoencoder\"\n[[configs]]\nname = \"a\"\nreference = true\n")
     assert load_study(p).directory == tmp_path
     assert load_study("quick").directory is None
+
+
+def test_new_options_keep_old_study_ids_and_parse():
+    """Options added later (precision, packages, portable_random, snapshots, primary) appear in the
+    identity only when set, so stores made before keep resuming."""
+    doc = {"name": "s", "reference": "a", "workload": {"name": "autoencoder"}, "budget": {"epochs": 1},
+           "configs": [{"name": "a"}, {"name": "b", "threads": 2}]}
+    base = parse_study(doc)
+    same = parse_study({**doc, "verdict": {"primary": ["eval_loss"]}, "snapshots": True})
+    assert same.study_id == base.study_id and same.primary == ("eval_loss",)
+    other = parse_study({**doc, "configs": [{"name": "a"}, {"name": "b", "precision": "bf16-autocast"}]})
+    assert other.study_id != base.study_id and other.config("b").precision == "bf16-autocast"
+    cell = parse_study({**doc, "seeds": {"count": 2, "vary": ["init", "dropout"]}}).cells()[-1]
+    assert (cell.init_seed, cell.data_seed, cell.dropout_seed, cell.noise_seed) == (1, 0, 1, 0)
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    ({"precision": "fp64"}, "precision: 'fp64' unknown"),
+    ({"precision": "fp16-autocast"}, "fp16-autocast needs a GPU"),
+    ({"compile": "fast"}, "compile: 'fast' unknown"),
+    ({"cuda_graphs": True}, "cuda_graphs: only meaningful on a GPU"),
+    ({"grad_noise": {"relative": 2.0}}, "grad_noise.relative: must be in (0, 1)"),
+    ({"grad_noise": {"absolute": 1e-3}}, "grad_noise.absolute: unknown key"),
+    ({"packages": ["-e ."]}, "is not a requirement"),
+    ({"packages": ["torch==2.4.1"], "python": "/usr/bin/python3"}, "either python"),
+    ({"framework": "chainer", "precision": "bf16-autocast"}, "chainer framework has no precision option"),
+    ({"framework": "chainer", "params": {"frame_buffers": "shared"}}, "params.frame_buffers: 'shared' unknown"),
+    ({"params": {"frame_buffers": "fresh"}}, "only ['chainer'] configs read it"),
+])
+def test_axes_are_checked_when_the_study_is_read(cfg, needle):
+    doc = {"name": "s", "reference": "a", "workload": {"name": "autoencoder"}, "budget": {"epochs": 1},
+           "configs": [{"name": "a"}, {"name": "b", **cfg}]}
+    with pytest.raises(StudyError) as e:
+        parse_study(doc)
+    assert needle in str(e.value) and "\n" not in str(e.value)

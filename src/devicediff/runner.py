@@ -126,6 +126,28 @@ def plan(study: Study, store: Store, *, retry_failed: bool = False, machine: str
     return machine, todo, kept
 
 
+def _begin(study: Study, store: Store, rid: str, cell: Cell, machine: str, run_dir: Path,
+           pythons: dict[str, str]) -> Task:
+    """The executor's task for one cell, its run recorded as started in the store."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = Task(
+        run_id=rid,
+        job=build_job(study, cell, rid, run_dir),
+        cpus=cell.config.threads or 1,
+        gpus=1 if cell.config.is_gpu else 0,
+        log_path=str(run_dir / "worker.log"),
+        python=pythons.get(cell.config.name) or python_for(cell.config),
+        ray_resources=dict(cell.config.ray_resources),
+        label=f"{cell.config.name} seed={cell.seed}" + (f" rep={cell.repeat}" if study.repeats > 1 else ""),
+    )
+    store.begin_run(
+        RunInfo(rid, study.study_id, cell.key, cell.config.name, cell.seed, cell.init_seed, cell.data_seed,
+                cell.repeat, study.workload, cell.config.to_dict(), machine),
+        log_path=task.log_path,
+    )
+    return task
+
+
 def run_study(
     study: Study,
     store: Store,
@@ -147,26 +169,7 @@ def run_study(
     if only_configs:
         todo = [(rid, c) for rid, c in todo if c.config.name in only_configs]
     root = artifacts_root(store_path)
-    tasks: list[Task] = []
-    for rid, cell in todo:
-        run_dir = root / rid
-        run_dir.mkdir(parents=True, exist_ok=True)
-        task = Task(
-            run_id=rid,
-            job=build_job(study, cell, rid, run_dir),
-            cpus=cell.config.threads or 1,
-            gpus=1 if cell.config.is_gpu else 0,
-            log_path=str(run_dir / "worker.log"),
-            python=pythons.get(cell.config.name) or python_for(cell.config),
-            ray_resources=dict(cell.config.ray_resources),
-            label=f"{cell.config.name} seed={cell.seed}" + (f" rep={cell.repeat}" if study.repeats > 1 else ""),
-        )
-        tasks.append(task)
-        store.begin_run(
-            RunInfo(rid, study.study_id, cell.key, cell.config.name, cell.seed, cell.init_seed, cell.data_seed,
-                    cell.repeat, study.workload, cell.config.to_dict(), machine),
-            log_path=task.log_path,
-        )
+    tasks = [_begin(study, store, rid, cell, machine, root / rid, pythons) for rid, cell in todo]
     result = StudyRun(study, machine, started=len(tasks), kept=kept)
     prog = progress or Progress(enabled=False)
     prog.begin(study.name, [t.label for t in tasks], kept=kept)

@@ -313,8 +313,34 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
     """Validate a parsed TOML document and return a ``Study``."""
     _check_keys("study", doc, _TOP_KEYS)
     name = _want("name", doc.get("name", Path(source).stem if source else "study"), (str,))
+    wname, wparams = _parse_workload(doc.get("workload"))
+    configs, ref = _parse_configs(doc.get("configs"), doc.get("reference"))
+    seeds, vary, base, repeats = _parse_seeds(doc.get("seeds", {"count": 3}))
+    study = Study(
+        name=name,
+        workload=wname,
+        workload_params=wparams,
+        configs=configs,
+        reference=ref,
+        seeds=seeds,
+        vary=vary,
+        base_seed=base,
+        repeats=repeats,
+        budget=_parse_budget(doc.get("budget", {"epochs": 1})),
+        description=_want("description", doc.get("description", ""), (str,)),
+        **_parse_verdict(doc.get("verdict", {})),
+        portable_random=_want("portable_random", doc.get("portable_random", False), (bool,)),
+        snapshots=_want("snapshots", doc.get("snapshots", True), (bool,)),
+        source=source,
+    )
+    # The workload must exist: resolve it now so a typo fails before any run.
+    from devicediff.workloads import check_workload_name, resolve_workload_name
 
-    wl = doc.get("workload")
+    check_workload_name(resolve_workload_name(study.workload, study.directory))
+    return study
+
+
+def _parse_workload(wl: Any) -> tuple[str, dict[str, Any]]:
     if wl is None:
         raise StudyError("workload: missing; add a [workload] table with name = \"autoencoder\" (or module:function)")
     if isinstance(wl, str):
@@ -329,8 +355,11 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
         if owners:
             raise StudyError(f"workload.{k}: only {owners} configs read it; set it in those configs' params, "
                              f"e.g. params = {{ {k} = {FRAMEWORKS[owners[0]].parameters[k][0]!r} }}")
+    return wname, wparams
 
-    raw_configs = doc.get("configs")
+
+def _parse_configs(raw_configs: Any, ref: Any) -> tuple[tuple[ExecConfig, ...], str]:
+    """The configs and the reference's name (``reference = "NAME"`` or one ``reference = true``)."""
     if not raw_configs:
         raise StudyError("configs: missing or empty; add at least two [[configs]] tables, one with reference = true")
     _want("configs", raw_configs, (list,))
@@ -340,23 +369,23 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise StudyError(f"configs: duplicate config name(s) {dup}; every config needs a unique name")
-
-    flagged = [c.name for c, ref in parsed if ref]
-    ref = doc.get("reference")
+    flagged = [c.name for c, is_ref in parsed if is_ref]
     if ref is not None:
         _want("reference", ref, (str,))
         if ref not in names:
             raise StudyError(f"reference: {ref!r} is not a config name; use one of {names}")
         if flagged and flagged != [ref]:
             raise StudyError(f"reference: {ref!r} disagrees with configs marked reference = true {flagged}; keep one")
-    else:
-        if len(flagged) > 1:
-            raise StudyError(f"configs: {flagged} are all marked reference = true; mark exactly one")
-        if not flagged:
-            raise StudyError("reference: no reference config; set reference = \"NAME\" or reference = true in one [[configs]]")
-        ref = flagged[0]
+        return configs, ref
+    if len(flagged) > 1:
+        raise StudyError(f"configs: {flagged} are all marked reference = true; mark exactly one")
+    if not flagged:
+        raise StudyError("reference: no reference config; set reference = \"NAME\" or reference = true in one [[configs]]")
+    return configs, flagged[0]
 
-    seeds_raw = doc.get("seeds", {"count": 3})
+
+def _parse_seeds(seeds_raw: Any) -> tuple[tuple[int, ...], tuple[str, ...], int, int]:
+    """``(seeds, vary, base, repeats)`` from ``seeds = 5``, ``seeds = [0, 1]`` or a ``[seeds]`` table."""
     if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool):
         seeds_raw = {"count": seeds_raw}
     elif isinstance(seeds_raw, list):
@@ -381,8 +410,7 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
             raise StudyError(f"seeds.count: must be >= 1, got {count}")
         seeds = tuple(range(base, base + count))
     vary = seeds_raw.get("vary", ["init", "data"])
-    if isinstance(vary, str):
-        vary = [vary]
+    vary = [vary] if isinstance(vary, str) else vary
     _want("seeds.vary", vary, (list,))
     for v in vary:
         if v not in NOISE_SOURCES:
@@ -390,8 +418,10 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
     repeats = _want("seeds.repeats", seeds_raw.get("repeats", 1), (int,))
     if repeats < 1:
         raise StudyError(f"seeds.repeats: must be >= 1, got {repeats}")
+    return seeds, tuple(vary), base, repeats
 
-    b = doc.get("budget", {"epochs": 1})
+
+def _parse_budget(b: Any) -> Budget:
     _want("budget", b, (dict,))
     _check_keys("budget", b, _BUDGET_KEYS)
     for k in b:
@@ -402,9 +432,11 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
         raise StudyError("budget: give either epochs or steps, not both")
     if "epochs" not in b and "steps" not in b:
         raise StudyError("budget: give epochs = N or steps = N")
-    budget = Budget(**b)
+    return Budget(**b)
 
-    verdict = doc.get("verdict", {})
+
+def _parse_verdict(verdict: Any) -> dict[str, Any]:
+    """``margin``, ``margin_fraction`` and ``primary`` of the ``[verdict]`` table."""
     _want("verdict", verdict, (dict,))
     _check_keys("verdict", verdict, _VERDICT_KEYS)
     margin = verdict.get("margin")
@@ -412,43 +444,16 @@ def parse_study(doc: dict[str, Any], *, source: str = "") -> Study:
         _want("verdict.margin", margin, (int, float))
         if margin <= 0:
             raise StudyError("verdict.margin: must be > 0")
+    mf = _want("verdict.margin_fraction", verdict.get("margin_fraction", 0.5), (int, float))
+    if mf <= 0:
+        raise StudyError("verdict.margin_fraction: must be > 0")
     primary = verdict.get("primary", [])
-    if isinstance(primary, str):
-        primary = [primary]
+    primary = [primary] if isinstance(primary, str) else primary
     _want("verdict.primary", primary, (list,), "; e.g. primary = [\"eval_mse\"]")
     for m in primary:
         _want("verdict.primary[]", m, (str,))
-    portable = _want("portable_random", doc.get("portable_random", False), (bool,))
-    snapshots = _want("snapshots", doc.get("snapshots", True), (bool,))
-    mf = verdict.get("margin_fraction", 0.5)
-    _want("verdict.margin_fraction", mf, (int, float))
-    if mf <= 0:
-        raise StudyError("verdict.margin_fraction: must be > 0")
-
-    study = Study(
-        name=name,
-        workload=wname,
-        workload_params=wparams,
-        configs=configs,
-        reference=ref,
-        seeds=seeds,
-        vary=tuple(vary),
-        base_seed=base,
-        repeats=repeats,
-        budget=budget,
-        description=_want("description", doc.get("description", ""), (str,)),
-        margin=float(margin) if margin is not None else None,
-        margin_fraction=float(mf),
-        primary=tuple(primary),
-        portable_random=portable,
-        snapshots=snapshots,
-        source=source,
-    )
-    # The workload must exist: resolve it now so a typo fails before any run.
-    from devicediff.workloads import check_workload_name, resolve_workload_name
-
-    check_workload_name(resolve_workload_name(study.workload, study.directory))
-    return study
+    return {"margin": float(margin) if margin is not None else None, "margin_fraction": float(mf),
+            "primary": tuple(primary)}
 
 
 def _source_dir(source: str) -> Path | None:

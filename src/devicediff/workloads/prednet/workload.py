@@ -175,6 +175,56 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, win: int 
 # ------------------------------------------------------------------------------------
 
 
+def _check_choices(variant: str, fault: str, conv_routes: str) -> tuple[str, str, str]:
+    if variant not in VARIANTS:
+        raise ParamError(f"prednet.variant {variant!r} unknown; use one of {list(VARIANTS)}")
+    if fault not in FAULTS:
+        raise ParamError(f"prednet.fault {fault!r} unknown; use one of {list(FAULTS)}")
+    if fault != "none" and variant != "chainer-lineage":
+        raise ParamError("prednet.fault = 'alias_targets' needs variant = 'chainer-lineage' (lotter's loss has no targets)")
+    if conv_routes not in ("auto", "plain"):
+        raise ParamError(f"prednet.conv_routes {conv_routes!r} unknown; use 'auto' (measured cuDNN routes on Hopper) or 'plain'")
+    return variant, fault, conv_routes
+
+
+def _window(variant: str, window: int | None, nt: int | None) -> int | None:
+    """lotter's ``nt`` is its window (and sequence length)."""
+    if nt is None:
+        return window
+    if variant != "lotter":
+        raise ParamError("prednet.nt is lotter's sequence length; for chainer-lineage set window (BPTT window)")
+    if window is not None and window != nt:
+        raise ParamError(f"prednet: nt = {nt} and window = {window} disagree; give one")
+    return nt
+
+
+def _sequence_length(variant: str, sequence_length: int | None, window: int) -> int:
+    if variant != "lotter":
+        return int(sequence_length if sequence_length is not None else 20)
+    length = int(sequence_length if sequence_length is not None else window)
+    if length != window:
+        raise ParamError(f"prednet (lotter): sequence_length {sequence_length} must equal window/nt {window}")
+    return length
+
+
+def _channels(layers: int | None, channels: list[int] | None, in_ch: int, data: str) -> list[int]:
+    """Channels per layer: given, or the papers' defaults for ``layers`` layers; the first must fit the data."""
+    if channels is None:
+        nl = int(layers) if layers is not None else 4
+        if nl < 1:
+            raise ParamError(f"prednet.layers must be >= 1, got {layers}")
+        return default_channels(nl, in_ch)
+    channels = [int(c) for c in channels]
+    if layers is not None and int(layers) != len(channels):
+        raise ParamError(f"prednet: layers = {layers} but channels has {len(channels)} entries; give one")
+    if channels[0] != in_ch:
+        raise DataError(
+            f"prednet.channels[0] = {channels[0]} but data {data!r} has {in_ch} channel(s); "
+            f"set channels[0] = {in_ch} or color = {'rgb' if channels[0] == 3 else 'gray'!r}"
+        )
+    return channels
+
+
 class PredNetWorkload(Workload):
     name = "prednet"
     primary_metrics = ("eval_mse",)
@@ -213,24 +263,9 @@ class PredNetWorkload(Workload):
         fault: str = "none",
         conv_routes: str = "auto",
     ):
-        if variant not in VARIANTS:
-            raise ParamError(f"prednet.variant {variant!r} unknown; use one of {list(VARIANTS)}")
-        if fault not in FAULTS:
-            raise ParamError(f"prednet.fault {fault!r} unknown; use one of {list(FAULTS)}")
-        if fault != "none" and variant != "chainer-lineage":
-            raise ParamError("prednet.fault = 'alias_targets' needs variant = 'chainer-lineage' (lotter's loss has no targets)")
+        self.variant, self.fault, self.conv_routes = _check_choices(variant, fault, conv_routes)
         d = DEFAULTS[variant]
-        if nt is not None:
-            if variant != "lotter":
-                raise ParamError("prednet.nt is lotter's sequence length; for chainer-lineage set window (BPTT window)")
-            if window is not None and window != nt:
-                raise ParamError(f"prednet: nt = {nt} and window = {window} disagree; give one")
-            window = nt
-        self.variant = variant
-        self.fault = fault
-        if conv_routes not in ("auto", "plain"):
-            raise ParamError(f"prednet.conv_routes {conv_routes!r} unknown; use 'auto' (measured cuDNN routes on Hopper) or 'plain'")
-        self.conv_routes = conv_routes
+        window = _window(variant, window, nt)
         self.height = int(height if height is not None else d["height"])
         self.width = int(width if width is not None else d["width"])
         self.window = int(window if window is not None else d["window"])
@@ -239,57 +274,18 @@ class PredNetWorkload(Workload):
             raise ParamError(f"prednet.lr must be > 0, got {lr}")
         self.lr = float(lr)
         self.lr_drop = bool(d["lr_drop"] if lr_drop is None else lr_drop)
-        if variant == "lotter":
-            self.sequence_length = int(sequence_length if sequence_length is not None else self.window)
-            if self.sequence_length != self.window:
-                raise ParamError(f"prednet (lotter): sequence_length {sequence_length} must equal window/nt {self.window}")
-        else:
-            self.sequence_length = int(sequence_length if sequence_length is not None else 20)
-        if self.window < 1 or self.batch_size < 1:
-            raise ParamError(f"prednet: window and batch_size must be >= 1, got {self.window}, {self.batch_size}")
-        if self.sequence_length < 2:
-            raise ParamError(f"prednet: sequence_length must be >= 2 (an input and a target), got {self.sequence_length}")
-        if min(self.height, self.width) < 11:
-            raise ParamError(f"prednet: {self.height}x{self.width} is too small for the 11x11 SSIM window; use >= 11")
+        self.sequence_length = _sequence_length(variant, sequence_length, self.window)
+        self._check_geometry()
         self.data = str(data)
         self.dataset_seed = int(dataset_seed)
         self.eval_batch_size = int(eval_batch_size)
         self.grid_frames = int(grid_frames)
-
-        # -- data (fails here, before any training, with a one-line DataError) --
-        train, test, self.data_info = prednet_data(
-            self.data, sequence_length=self.sequence_length, height=self.height, width=self.width,
-            sequences=sequences, test_sequences=test_sequences, dataset_seed=self.dataset_seed, color=color, fit=fit,
-            test_fraction=test_fraction, scene_cuts=scene_cuts, mnist_canvas=mnist_canvas, mnist_digits=mnist_digits,
-            mnist_root=mnist_root)
-        if len(train) < self.batch_size:
-            raise DataError(
-                f"data {self.data!r}: {len(train)} training sequence(s), fewer than batch_size {self.batch_size}; "
-                "lower batch_size or give more sequences / a longer video"
-            )
-        if len(test) < 1:
-            raise DataError(f"data {self.data!r}: no held-out sequence; give more sequences or a longer video")
-        self.train_x = torch.from_numpy(np.ascontiguousarray(train))
-        self.test_x = torch.from_numpy(np.ascontiguousarray(test))
-        self.data_info["sha256"] = hashlib.sha256(train.tobytes() + test.tobytes()).hexdigest()[:16]
-
-        in_ch = int(self.train_x.shape[2])
-        if channels is None:
-            nl = int(layers) if layers is not None else 4
-            if nl < 1:
-                raise ParamError(f"prednet.layers must be >= 1, got {layers}")
-            channels = default_channels(nl, in_ch)
-        else:
-            channels = [int(c) for c in channels]
-            if layers is not None and int(layers) != len(channels):
-                raise ParamError(f"prednet: layers = {layers} but channels has {len(channels)} entries; give one")
-            if channels[0] != in_ch:
-                raise DataError(
-                    f"prednet.channels[0] = {channels[0]} but data {self.data!r} has {in_ch} channel(s); "
-                    f"set channels[0] = {in_ch} or color = {'rgb' if channels[0] == 3 else 'gray'!r}"
-                )
-        self.channels = channels
-        self.r_channels = [int(c) for c in r_channels] if r_channels is not None else list(channels)
+        # Data: fails here, before any training, with a one-line DataError.
+        self._load_data(sequences=sequences, test_sequences=test_sequences, color=color, fit=fit,
+                        test_fraction=test_fraction, scene_cuts=scene_cuts, mnist_canvas=mnist_canvas,
+                        mnist_digits=mnist_digits, mnist_root=mnist_root)
+        self.channels = _channels(layers, channels, int(self.train_x.shape[2]), self.data)
+        self.r_channels = [int(c) for c in r_channels] if r_channels is not None else list(self.channels)
         nl = len(self.channels)
         if layer_loss_weights is None:
             layer_loss_weights = [1.0] + [0.0] * (nl - 1)
@@ -302,9 +298,30 @@ class PredNetWorkload(Workload):
                     width=self.width)
         except ValueError as e:
             raise ParamError(f"prednet: {e}") from None
-
         self._state = None  # chainer-lineage: recurrent state carried across windows
         self._target_buffer = None  # alias_targets: the one reused target buffer
+
+    def _check_geometry(self) -> None:
+        if self.window < 1 or self.batch_size < 1:
+            raise ParamError(f"prednet: window and batch_size must be >= 1, got {self.window}, {self.batch_size}")
+        if self.sequence_length < 2:
+            raise ParamError(f"prednet: sequence_length must be >= 2 (an input and a target), got {self.sequence_length}")
+        if min(self.height, self.width) < 11:
+            raise ParamError(f"prednet: {self.height}x{self.width} is too small for the 11x11 SSIM window; use >= 11")
+
+    def _load_data(self, **recipe: Any) -> None:
+        train, test, self.data_info = prednet_data(self.data, sequence_length=self.sequence_length, height=self.height,
+                                                   width=self.width, dataset_seed=self.dataset_seed, **recipe)
+        if len(train) < self.batch_size:
+            raise DataError(
+                f"data {self.data!r}: {len(train)} training sequence(s), fewer than batch_size {self.batch_size}; "
+                "lower batch_size or give more sequences / a longer video"
+            )
+        if len(test) < 1:
+            raise DataError(f"data {self.data!r}: no held-out sequence; give more sequences or a longer video")
+        self.train_x = torch.from_numpy(np.ascontiguousarray(train))
+        self.test_x = torch.from_numpy(np.ascontiguousarray(test))
+        self.data_info["sha256"] = hashlib.sha256(train.tobytes() + test.tobytes()).hexdigest()[:16]
 
     # -- description ------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
