@@ -13,7 +13,7 @@ In a notebook (docs/notebook.md)::
     store.runs(), store.metrics(), store.verdicts()   # pandas DataFrames
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from devicediff.spec import Batch, Workload, epoch_order  # noqa: E402
 from devicediff.study import ExecConfig, Study, StudyError, load_study, parse_study  # noqa: E402
