@@ -2,7 +2,7 @@
 
 Configs (reference ``cpu-1t``):
 
-- ``cpu-4t``: other bits, same numbers within 1e-6 relative (equivalent);
+- ``cpu-4t``: other bits, numbers within ~1e-6 relative noise of the reference (equivalent);
 - ``gpu-tf32``: +3% on every loss (differs); weights 1e-3 away;
 - ``<script>alert(1)</script>``: bitwise identical to the reference (hostile name, must be escaped);
 - ``cuda-broken``: every run failed or skipped, with a hostile error message.
@@ -38,7 +38,7 @@ GPU_FP = {**FP, "gpus": ["NVIDIA H100 80GB HBM3"], "gpu_memory_gib": [79.2], "gp
 CONFIGS = [
     # name, loss factor, weight offset scale (None: bitwise equal to reference), state, fingerprint
     ("cpu-1t", 1.0, None, "finished", FP),
-    ("cpu-4t", 1.0 + 1e-6, 1e-7, "finished", FP),
+    ("cpu-4t", 1.0, 1e-7, "finished", FP),  # rounding-level noise around the reference (below)
     ("gpu-tf32", 1.03, 1e-3, "finished", GPU_FP),
     (XSS, 1.0, None, "finished", FP),
     ("cuda-broken", 1.0, None, "failed", GPU_FP),

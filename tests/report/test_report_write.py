@@ -25,6 +25,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 TINY_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+PLOTS = ("verdict_plot", "curve_plot", "weight_plot", "churn_plot", "class_heatmap", "disagreement_grid")
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def stub_plots(monkeypatch):
     from devicediff import report
     from devicediff.report import plots
 
-    for name in ("forest_plot", "curve_plot", "weight_plot"):
+    for name in PLOTS:
         monkeypatch.setattr(plots, name, lambda *a, **k: TINY_PNG)
     monkeypatch.setattr(report, "_diverge_png", lambda payload, out: (None, None))
 
@@ -101,13 +102,19 @@ def test_no_host_names_or_local_paths(synth):
 def test_contents_summary_verdicts_and_sections(synth):
     _, _, _, page = synth
     text = htmllib.unescape(page)
-    # the plain-language summary of the headline metric
-    assert re.search(r"On this machine, cpu-4t and .* are equivalent to cpu-1t within ±[\d.]+% of final_eval_loss", text)
+    # the plain-language summary of the primary metric
+    assert re.search(r"On this machine, .* is bitwise identical to cpu-1t on final_eval_loss; "
+                     r"cpu-4t is equivalent to cpu-1t within ±[\d.]+% of final_eval_loss", text)
     assert "gpu-tf32 differs: +3%" in text
-    # the verdict table with the numbers behind it
-    for header in ("verdict", "n (test)", "diff", "95% CI of diff", "p (Holm)", "TOST p (Holm)", "margin ±", "Hedges g"):
+    # the verdict tables (primary; secondary, exploratory) with the numbers behind them
+    for header in ("verdict", "n", "diff", "% of ref", "90% CI", "95% CI", "p (Holm)", "TOST p (Holm)", "margin ±",
+                   "seeds needed"):
         assert f">{header}</th>" in text, header
-    assert text.count(">differs</td>") == 4 and text.count(">equivalent</td>") == 8  # 2 configs x 4 metrics
+    assert "Verdicts: primary (final_eval_loss)" in text and "Secondary metrics (exploratory)" in text
+    # 4 metrics (final_eval_loss primary; three train-loss summaries secondary), one row each per config
+    assert text.count(">differs</td>") == 4 and text.count(">equivalent</td>") == 4
+    assert text.count(">identical</td>") == 4
+    assert "derived from the reference's seed sd (0.5 × sd)" in text and "% of the reference mean" in text
     for section in ("Study", "Environment", "Result", "Verdicts", "Configs", "Curves", "Bits", "Noise floor",
                     "Divergence", "Runs that did not finish"):
         assert f"<h3>{section}" in page or f">{section}<" in page, section
@@ -147,7 +154,7 @@ def test_divergence_without_the_diverge_package(tmp_path, monkeypatch):
 
     from devicediff.report import plots
 
-    for name in ("forest_plot", "curve_plot", "weight_plot"):
+    for name in PLOTS:
         monkeypatch.setattr(plots, name, lambda *a, **k: TINY_PNG)
     monkeypatch.setattr(builtins, "__import__", no_diverge)
     store = make_store(tmp_path / "s.db", tmp_path / "f", seeds=2)

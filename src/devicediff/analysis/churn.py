@@ -66,16 +66,22 @@ def _labels(pred, name: str) -> np.ndarray:
     return a
 
 
+def _same_inputs(a: np.ndarray, b: np.ndarray, mismatch: str, empty: str) -> None:
+    """Raise ValueError(mismatch) unless a and b (1-D) have the same shape, ValueError(empty) if no inputs."""
+    if a.shape != b.shape:
+        raise ValueError(mismatch)
+    if a.size == 0:
+        raise ValueError(empty)
+
+
 def churn(pred_a, pred_b) -> float:
     """Fraction of inputs whose predicted class differs between ``pred_a`` and ``pred_b``.
 
     Each is an array of predicted classes (N,) or of scores/probabilities/logits (N, K), whose
     argmax is then the predicted class. Both must cover the same N inputs in the same order."""
     a, b = _labels(pred_a, "pred_a"), _labels(pred_b, "pred_b")
-    if a.shape != b.shape:
-        raise ValueError(f"churn: pred_a has {a.shape[0]} inputs, pred_b {b.shape[0]}; they must be the same inputs")
-    if a.size == 0:
-        raise ValueError("churn: no inputs")
+    _same_inputs(a, b, f"churn: pred_a has {a.shape[0]} inputs, pred_b {b.shape[0]}; they must be the same inputs",
+                 "churn: no inputs")
     return float(np.count_nonzero(a != b) / a.size)
 
 
@@ -87,10 +93,8 @@ def output_distance(out_a, out_b) -> float:
     autoencoder's reconstructions or PredNet's predicted frames of the same held-out inputs."""
     a = np.asarray(out_a, dtype=np.float64).ravel()
     b = np.asarray(out_b, dtype=np.float64).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"output_distance: outputs have {a.size} and {b.size} values; they must be the same inputs")
-    if a.size == 0:
-        raise ValueError("output_distance: no outputs")
+    _same_inputs(a, b, f"output_distance: outputs have {a.size} and {b.size} values; they must be the same inputs",
+                 "output_distance: no outputs")
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         return math.nan
     scale = math.sqrt((float(a @ a) + float(b @ b)) / 2.0)
@@ -143,6 +147,13 @@ def _index(predictions: Mapping) -> dict[str, dict[int, object]]:
     return by
 
 
+def _reference_runs(by: dict[str, dict[int, object]], reference: str) -> dict[int, object]:
+    """The reference's {seed: predictions}; ValueError when it has none."""
+    if reference not in by:
+        raise ValueError(f"reference {reference!r} has no predictions; configs with predictions: {sorted(by)}")
+    return by[reference]
+
+
 def churn_pairs(predictions: Mapping, reference: str, *, distance: Callable = churn) -> pd.DataFrame:
     """Every pairwise distance ``churn_table`` uses, one row each (long form, for plots and export):
 
@@ -151,9 +162,7 @@ def churn_pairs(predictions: Mapping, reference: str, *, distance: Callable = ch
 
     Columns: kind, config, reference, seed, seed_b, value."""
     by = _index(predictions)
-    if reference not in by:
-        raise ValueError(f"reference {reference!r} has no predictions; configs with predictions: {sorted(by)}")
-    ref = by[reference]
+    ref = _reference_runs(by, reference)
     rows = []
     for s, t in combinations(sorted(ref), 2):
         rows.append({"kind": "seed", "config": reference, "reference": reference, "seed": s, "seed_b": t,
@@ -205,59 +214,81 @@ def churn_table(predictions: Mapping, reference: str, *, distance: Callable = ch
     rule does not set.
     """
     by = _index(predictions)
-    if reference not in by:
-        raise ValueError(f"reference {reference!r} has no predictions; configs with predictions: {sorted(by)}")
-    ref = by[reference]
+    ref = _reference_runs(by, reference)
+    floor_vals, f_own = _seed_floor(ref, distance)
+    all_seeds = sorted({s for cfg in by.values() for s in cfg})
+    rows = [_churn_row(config, by[config], ref, floor_vals, f_own, reference=reference, distance=distance,
+                       min_seeds=min_seeds, rng_seed=rng_seed)
+            for config in sorted(by) if config != reference]
+    return _churn_frame(rows, [f"churn_s{s}" for s in all_seeds], alpha)
+
+
+def _seed_floor(ref: dict[int, object], distance: Callable) -> tuple[np.ndarray, dict[int, float]]:
+    """The seed floor: distance(reference s, reference s') for every pair s < s' of reference seeds, and
+    per seed s the mean of its distances to every other reference seed (empty with fewer than 2 seeds)."""
     ref_seeds = sorted(ref)
     floor: dict[tuple[int, int], float] = {}
     for s, t in combinations(ref_seeds, 2):
         floor[(s, t)] = floor[(t, s)] = float(distance(ref[s], ref[t]))
     floor_vals = np.array([floor[(s, t)] for s, t in combinations(ref_seeds, 2)], dtype=float)
     f_own = {s: float(np.mean([floor[(s, t)] for t in ref_seeds if t != s])) for s in ref_seeds} if len(ref_seeds) > 1 else {}
-    all_seeds = sorted({s for cfg in by.values() for s in cfg})
+    return floor_vals, f_own
 
-    rows = []
-    for config in sorted(by):
-        if config == reference:
-            continue
-        seeds = sorted(set(by[config]) & set(ref))
-        c = np.array([float(distance(by[config][s], ref[s])) for s in seeds], dtype=float)
-        n = len(seeds)
-        row: dict = {"config": config, "reference": reference, "n": n,
-                     "churn_mean": float(c.mean()) if n else math.nan, "churn_sd": _sd(c),
-                     "churn_min": float(c.min()) if n else math.nan, "churn_max": float(c.max()) if n else math.nan,
-                     "floor_mean": float(floor_vals.mean()) if floor_vals.size else math.nan,
-                     "floor_sd": _sd(floor_vals),
-                     "floor_min": float(floor_vals.min()) if floor_vals.size else math.nan,
-                     "floor_max": float(floor_vals.max()) if floor_vals.size else math.nan,
-                     "n_floor_pairs": int(floor_vals.size)}
-        row["excess"] = row["churn_mean"] - row["floor_mean"]
-        fm = row["floor_mean"]
-        row["ratio"] = (row["churn_mean"] / fm if fm > 0 else (math.nan if row["churn_mean"] == 0 or math.isnan(fm)
-                                                               else math.inf))
-        for s, v in zip(seeds, c):
-            row[f"churn_s{s}"] = float(v)
-        notes = []
-        if n and np.all(c == 0):
-            notes.append("predictions identical to the reference's at every seed")
-        ok = np.isfinite(c).all()
-        if len(ref_seeds) < 2:
-            notes.append("the reference has fewer than 2 seeds: no seed floor")
-            p_more = p_less = math.nan
-        elif not ok:
-            notes.append("non-finite outputs (a diverged run?)")
-            p_more = p_less = math.nan
-        elif n < min_seeds:
-            notes.append(f"n = {n} < {min_seeds} paired seeds: too few for a verdict")
-            p_more = p_less = math.nan
-        else:
-            e = c - np.array([f_own[s] for s in seeds])
-            p_more = signflip_p_greater(e, rng_seed=rng_seed)
-            p_less = signflip_p_greater(-e, rng_seed=rng_seed)
-        row.update(p_more=p_more, p_less=p_less, note="; ".join(notes))
-        rows.append(row)
 
-    seed_cols = [f"churn_s{s}" for s in all_seeds]
+def _spread(prefix: str, a: np.ndarray) -> dict[str, float]:
+    """``<prefix>_mean/sd/min/max`` of a (NaN when empty; sd NaN below 2 values)."""
+    has = a.size > 0
+    return {f"{prefix}_mean": float(a.mean()) if has else math.nan, f"{prefix}_sd": _sd(a),
+            f"{prefix}_min": float(a.min()) if has else math.nan, f"{prefix}_max": float(a.max()) if has else math.nan}
+
+
+def _churn_ratio(churn_mean: float, floor_mean: float) -> float:
+    if floor_mean > 0:
+        return churn_mean / floor_mean
+    return math.nan if churn_mean == 0 or math.isnan(floor_mean) else math.inf
+
+
+def _churn_row(config: str, runs: dict[int, object], ref: dict[int, object], floor_vals: np.ndarray,
+               f_own: dict[int, float], *, reference: str, distance: Callable, min_seeds: int,
+               rng_seed: int) -> dict:
+    """One config's row of :func:`churn_table`, before Holm and verdict."""
+    seeds = sorted(set(runs) & set(ref))
+    c = np.array([float(distance(runs[s], ref[s])) for s in seeds], dtype=float)
+    row: dict = {"config": config, "reference": reference, "n": len(seeds), **_spread("churn", c),
+                 **_spread("floor", floor_vals), "n_floor_pairs": int(floor_vals.size)}
+    row["excess"] = row["churn_mean"] - row["floor_mean"]
+    row["ratio"] = _churn_ratio(row["churn_mean"], row["floor_mean"])
+    for s, v in zip(seeds, c):
+        row[f"churn_s{s}"] = float(v)
+    p_more, p_less, notes = _churn_test(c, seeds, f_own, n_ref_seeds=len(ref), min_seeds=min_seeds,
+                                        rng_seed=rng_seed)
+    row.update(p_more=p_more, p_less=p_less, note="; ".join(notes))
+    return row
+
+
+def _churn_test(c: np.ndarray, seeds: list[int], f_own: dict[int, float], *, n_ref_seeds: int, min_seeds: int,
+                rng_seed: int) -> tuple[float, float, list[str]]:
+    """(p_more, p_less, notes): one-sided sign-flip p of e_s = c_s - f_s above and below 0, NaN (with
+    the reason in the notes) when there is no floor, a non-finite distance or too few seeds."""
+    n = len(seeds)
+    notes = []
+    if n and np.all(c == 0):
+        notes.append("predictions identical to the reference's at every seed")
+    if n_ref_seeds < 2:
+        notes.append("the reference has fewer than 2 seeds: no seed floor")
+        return math.nan, math.nan, notes
+    if not np.isfinite(c).all():
+        notes.append("non-finite outputs (a diverged run?)")
+        return math.nan, math.nan, notes
+    if n < min_seeds:
+        notes.append(f"n = {n} < {min_seeds} paired seeds: too few for a verdict")
+        return math.nan, math.nan, notes
+    e = c - np.array([f_own[s] for s in seeds])
+    return signflip_p_greater(e, rng_seed=rng_seed), signflip_p_greater(-e, rng_seed=rng_seed), notes
+
+
+def _churn_frame(rows: list[dict], seed_cols: list[str], alpha: float) -> pd.DataFrame:
+    """The rows as :func:`churn_table`'s frame: Holm over the configs, verdicts, every seed column."""
     if not rows:
         return pd.DataFrame(columns=CHURN_COLUMNS + seed_cols)
     df = pd.DataFrame(rows)

@@ -165,56 +165,69 @@ def weight_distances(runs: pd.DataFrame, weights: pd.DataFrame, reference: str, 
     files (``source`` "snapshot"), or NaN where a file is missing (``source`` "hash"): the bits
     are known to differ, by how much is not. Columns ``WD_COLUMNS``.
     """
-    rows: list[dict] = []
     if runs.empty or weights.empty:
-        return pd.DataFrame(rows, columns=WD_COLUMNS)
+        return pd.DataFrame([], columns=WD_COLUMNS)
     r = runs.copy()
     if "repeat" not in r.columns:
         r["repeat"] = 0
     anchors = r[(r["config"] == reference) & (r["repeat"] == 0)].drop_duplicates("seed").set_index("seed")["run_id"]
     w = weights.set_index(["run_id", "step"]).sort_index()
     by_run = {rid: g.droplevel(0) for rid, g in w.groupby(level=0)}
-    ref_cache: dict[str, np.ndarray | None] = {}  # a reference snapshot serves every config of its seed
-
-    def get(path, cache: dict | None = None) -> np.ndarray | None:
-        if not isinstance(path, str) or not path:
-            return None
-        if cache is None:
-            return load(path)
-        if path not in cache:
-            cache[path] = load(path)
-        return cache[path]
-
+    rows: list[dict] = []
     for seed, group in r.groupby("seed", sort=True):
-        if seed not in anchors.index:
+        if seed in anchors.index:
+            rows.extend(_seed_distances(seed, group, anchors[seed], by_run, load))
+    return _in_config_order(pd.DataFrame(rows, columns=WD_COLUMNS), list(pd.unique(r["config"])))
+
+
+def _seed_distances(seed, group: pd.DataFrame, ref_id: str, by_run: dict[str, pd.DataFrame],
+                    load: Callable[[str], np.ndarray | None]) -> list[dict]:
+    """The :func:`weight_distances` rows of one seed: each of its runs (``group``) but the reference
+    run ``ref_id`` against it, at the steps both have weights for."""
+    theirs = by_run.get(ref_id)
+    ref_cache: dict[str, np.ndarray | None] = {}  # a reference snapshot serves every config of its seed
+    rows = []
+    for _, run in group.iterrows():
+        mine = by_run.get(run["run_id"])
+        if run["run_id"] == ref_id or mine is None or theirs is None:
             continue
-        ref_id = anchors[seed]
-        theirs = by_run.get(ref_id)
-        ref_cache.clear()  # one seed's reference snapshots at a time
-        for _, run in group.iterrows():
-            mine = by_run.get(run["run_id"])
-            if run["run_id"] == ref_id or mine is None or theirs is None:
-                continue
-            for step in mine.index.intersection(theirs.index).sort_values():
-                a, b = mine.loc[step], theirs.loc[step]
-                equal = bool(a["sha256"] == b["sha256"])
-                l2 = rel = math.nan
-                source = "hash"
-                if equal:
-                    l2 = rel = 0.0
-                else:
-                    x, y = get(a["path"]), get(b["path"], ref_cache)
-                    if x is not None and y is not None and x.shape == y.shape:
-                        with np.errstate(all="ignore"):
-                            l2 = float(np.linalg.norm(x - y))
-                            ny = float(np.linalg.norm(y))
-                        rel = l2 / ny if ny > 0 else (0.0 if l2 == 0 else math.inf)
-                        source = "snapshot"
-                rows.append({"config": run["config"], "seed": seed, "repeat": int(run["repeat"]),
-                             "run_id": run["run_id"], "ref_run_id": ref_id, "step": int(step), "equal": equal,
-                             "l2": l2, "rel": rel, "source": source})
-    out = pd.DataFrame(rows, columns=WD_COLUMNS)
-    order = list(pd.unique(r["config"]))
+        for step in mine.index.intersection(theirs.index).sort_values():
+            equal, l2, rel, source = _step_distance(mine.loc[step], theirs.loc[step], load, ref_cache)
+            rows.append({"config": run["config"], "seed": seed, "repeat": int(run["repeat"]),
+                         "run_id": run["run_id"], "ref_run_id": ref_id, "step": int(step), "equal": equal,
+                         "l2": l2, "rel": rel, "source": source})
+    return rows
+
+
+def _step_distance(a: pd.Series, b: pd.Series, load: Callable[[str], np.ndarray | None],
+                   ref_cache: dict) -> tuple[bool, float, float, str]:
+    """(equal, l2, rel, source) of a run's weights ``a`` against the reference's ``b`` at one step
+    (each with ``sha256`` and ``path``); see :func:`weight_distances`."""
+    if a["sha256"] == b["sha256"]:
+        return True, 0.0, 0.0, "hash"
+    x, y = _load_cached(load, a["path"]), _load_cached(load, b["path"], ref_cache)
+    if x is None or y is None or x.shape != y.shape:
+        return False, math.nan, math.nan, "hash"  # the bits differ, by how much is not known
+    with np.errstate(all="ignore"):
+        l2 = float(np.linalg.norm(x - y))
+        ny = float(np.linalg.norm(y))
+    rel = l2 / ny if ny > 0 else (0.0 if l2 == 0 else math.inf)
+    return False, l2, rel, "snapshot"
+
+
+def _load_cached(load: Callable[[str], np.ndarray | None], path, cache: dict | None = None) -> np.ndarray | None:
+    """``load(path)``, through ``cache`` when given; None for a missing path."""
+    if not isinstance(path, str) or not path:
+        return None
+    if cache is None:
+        return load(path)
+    if path not in cache:
+        cache[path] = load(path)
+    return cache[path]
+
+
+def _in_config_order(out: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """``out`` sorted by config (in ``order``), seed, repeat and step."""
     if len(out):
         out["_o"] = out["config"].map(order.index)
         out = out.sort_values(["_o", "seed", "repeat", "step"], kind="stable").drop(columns="_o").reset_index(drop=True)

@@ -478,12 +478,17 @@ def _first_runs(per_run: pd.DataFrame, metric: str) -> pd.DataFrame:
     return first
 
 
+def _seed_series(g: pd.DataFrame, metric: str) -> pd.Series:
+    """One config's metric values indexed by seed, sorted by seed (so that results do not depend on
+    row order)."""
+    return pd.Series(g[metric].to_numpy(dtype=float), index=g["seed"].to_numpy()).sort_index()
+
+
 def _by_config(first: pd.DataFrame, metric: str) -> dict[str, tuple[pd.Series, int]]:
     """{config: (finite metric values indexed by seed, count of non-finite ones)}, in input order."""
     out = {}
     for cfg, g in first.groupby("config", sort=False):
-        # sorted by seed, so that results (bootstrap, Monte Carlo) do not depend on row order
-        s = pd.Series(g[metric].to_numpy(dtype=float), index=g["seed"].to_numpy()).sort_index()
+        s = _seed_series(g, metric)
         ok = np.isfinite(s.to_numpy())
         out[cfg] = (s[ok], int((~ok).sum()))
     return out
@@ -493,10 +498,26 @@ def _configs(df: pd.DataFrame) -> list[str]:
     return list(pd.unique(df["config"]))
 
 
+def _require_reference(configs, reference: str) -> None:
+    if reference not in configs:
+        raise ValueError(f"reference config {reference!r} has no repeat == 0 runs")
+
+
 def _margin_for(margin, metric: str):
     if isinstance(margin, Mapping):
         return margin.get(metric)
     return margin
+
+
+def _sd(a: np.ndarray) -> float:
+    return math.sqrt(_var(a)) if a.size >= 2 else math.nan
+
+
+def _default_margin(ref: np.ndarray, margin_fraction: float) -> float:
+    # A fraction of the seed-noise sd, i.e. the sd across seeds of the *reference* config (not
+    # pooled with the candidate: a config that adds noise must not widen its own yardstick). It is
+    # estimated from the data, so it carries sampling error.
+    return margin_fraction * _sd(ref) if ref.size >= 2 else math.nan
 
 
 def _stream(rng_seed, *names: str) -> np.random.Generator:
@@ -504,95 +525,115 @@ def _stream(rng_seed, *names: str) -> np.random.Generator:
     return np.random.default_rng([int(rng_seed)] + [zlib.crc32(n.encode()) for n in names])
 
 
+def _paired_arm(cfg_s: pd.Series, ref_s: pd.Series, shared, rng, low: float, upp: float) -> dict:
+    """The paired half of a compare row, on the seeds both ran: paired t, Wilcoxon, sign-flip, TOST."""
+    x = cfg_s.loc[shared].to_numpy()
+    y = ref_s.loc[shared].to_numpy()
+    d = x - y
+    notes = []
+    dropped = (len(cfg_s) - len(shared)) + (len(ref_s) - len(shared))
+    if dropped:
+        notes.append(f"{dropped} run(s) without a same-seed partner left out")
+    t, dof, p, se = _paired_t(d)
+    diff = _mean(d)
+    p_rank = _wilcoxon_p(d)
+    p_perm = _signflip_p(d, rng)
+    _, _, _, _, tost_p = _tost_parts(diff, se, dof, low, upp)
+    if d.size >= 2 and not np.any(d):
+        # Identity shows equivalence at any margin >= 0, even a zero one (a metric that
+        # does not vary with the seed); the TOST formula alone could not reject at 0.
+        tost_p = 0.0
+        notes.append("bitwise identical to reference")
+    return {"x": x, "y": y, "notes": notes, "test": "paired t", "t": t, "dof": dof, "p": p, "diff": diff,
+            "p_rank": p_rank, "p_perm": p_perm, "tost_p": tost_p, "sd_unit": _sd(d), "n": d.size}
+
+
+def _welch_arm(cfg_s: pd.Series, ref_s: pd.Series, shared, rng, low: float, upp: float, paired) -> dict:
+    """The unpaired half of a compare row, on all runs: Welch t, Mann-Whitney U, permutation, TOST."""
+    x, y = cfg_s.to_numpy(), ref_s.to_numpy()
+    t, dof, p, se = _welch_t(x, y)
+    diff = _mean(x) - _mean(y) if x.size and y.size else math.nan
+    p_rank = _mwu_p(x, y)
+    p_perm = _perm_ind_p(x, y, rng)
+    _, _, _, _, tost_p = _tost_parts(diff, se, dof, low, upp)
+    sd_unit = math.sqrt((_var(x) + _var(y)) / 2) if x.size >= 2 and y.size >= 2 else math.nan
+    notes = []
+    if paired is None:
+        notes.append("fewer than 2 shared seeds: unpaired" if len(shared) else "no shared seeds: unpaired")
+    return {"x": x, "y": y, "notes": notes, "test": "Welch t", "t": t, "dof": dof, "p": p, "diff": diff,
+            "p_rank": p_rank, "p_perm": p_perm, "tost_p": tost_p, "sd_unit": sd_unit, "n": x.size}
+
+
+def _divergence_test(cfg_nan: int, cfg_ok: int, ref_nan: int, ref_ok: int) -> tuple[float, str]:
+    """Divergence is a result too: Fisher's exact p (2x2) that the config and the reference diverge
+    at different rates, and a note ("" and p = 1 when neither diverged)."""
+    if not (cfg_nan or ref_nan):
+        return 1.0, ""
+    note = (f"diverged (non-finite, excluded): {cfg_nan}/{cfg_nan + cfg_ok} runs "
+            f"vs {ref_nan}/{ref_nan + ref_ok} for reference")
+    return float(stats.fisher_exact([[cfg_nan, cfg_ok], [ref_nan, ref_ok]])[1]), note
+
+
+def _compare_one(cfg: str, cfg_s: pd.Series, cfg_nan: int, ref_s: pd.Series, ref_nan: int, *, reference: str,
+                 metric: str, low: float, upp: float, n_boot: int, rng_seed, paired) -> dict:
+    """One row of :func:`compare` (config ``cfg`` against the reference), before Holm and verdict."""
+    shared = ref_s.index.intersection(cfg_s.index).sort_values()
+    use_paired = paired if paired is not None else len(shared) >= 2
+    rng = _stream(rng_seed, cfg, metric)  # the permutation test draws first, then the bootstrap
+    if use_paired:
+        arm = _paired_arm(cfg_s, ref_s, shared, rng, low, upp)
+    else:
+        arm = _welch_arm(cfg_s, ref_s, shared, rng, low, upp, paired)
+    x, y, notes, tost_p = arm["x"], arm["y"], arm["notes"], arm["tost_p"]
+    if x.size < 2 or y.size < 2:
+        notes.append("too few finite runs to test")
+    if not upp > low and tost_p != 0.0:
+        notes.append("margin is 0: equivalence cannot be shown")
+    ci = (bootstrap_ci(x, y, paired=use_paired, n_boot=n_boot, rng_seed=rng)
+          if x.size and y.size else (math.nan, math.nan))
+    mean_ref, mean_cfg = _mean(y), _mean(x)
+    g = (hedges_g(x, y, paired=use_paired) if x.size >= 2 and y.size >= 2 else math.nan)
+    p_div, div_note = _divergence_test(cfg_nan, len(cfg_s), ref_nan, len(ref_s))
+    if div_note:
+        notes.append(div_note)
+    half = (upp - low) / 2
+    diff, p = arm["diff"], arm["p"]
+    return {
+        "config": cfg, "reference": reference, "metric": metric, "paired": bool(use_paired),
+        "n": int(arm["n"]), "n_ref": int(y.size), "n_cfg": int(x.size),
+        "n_nan_ref": ref_nan, "n_nan_cfg": cfg_nan,
+        "mean_ref": mean_ref, "mean_cfg": mean_cfg, "diff": diff,
+        "rel_diff": _ratio(diff, abs(mean_ref)),
+        "ci_low": ci[0], "ci_high": ci[1], "test": arm["test"], "t": arm["t"], "dof": arm["dof"], "p": p,
+        "p_holm": p, "p_rank": arm["p_rank"], "p_perm": arm["p_perm"], "hedges_g": g,
+        "margin": half, "tost_p": tost_p, "tost_p_holm": tost_p, "p_diverge": p_div,
+        "verdict": "", "note": "; ".join(notes), "n_seeds_needed": math.nan,
+        # standardized margin for the power solve; dropped in _finalize
+        "_es": _ratio(half, arm["sd_unit"]) if not math.isnan(half) else math.nan,
+    }
+
+
 def _compare_rows(per_run, metric, reference, *, margin, margin_fraction, n_boot, rng_seed,
                   paired) -> list[dict]:
     values = _by_config(_first_runs(per_run, metric), metric)
-    if reference not in values:
-        raise ValueError(f"reference config {reference!r} has no repeat == 0 runs")
+    _require_reference(values, reference)
     ref_s, ref_nan = values[reference]
-    ref_all = ref_s.to_numpy()
-
     m = _margin_for(margin, metric)
     if m is None:
-        # Default margin: a fraction of the seed-noise sd, i.e. the sd across seeds of the
-        # *reference* config (not pooled with the candidate: a config that adds noise must not widen
-        # its own yardstick). It is estimated from the data, so it carries sampling error.
-        m = margin_fraction * math.sqrt(_var(ref_all)) if ref_all.size >= 2 else math.nan
+        m = _default_margin(ref_s.to_numpy(), margin_fraction)
     low, upp = _bounds(m)
-    half = (upp - low) / 2
+    return [_compare_one(cfg, cfg_s, cfg_nan, ref_s, ref_nan, reference=reference, metric=metric, low=low,
+                         upp=upp, n_boot=n_boot, rng_seed=rng_seed, paired=paired)
+            for cfg, (cfg_s, cfg_nan) in values.items() if cfg != reference]
 
-    rows = []
-    for cfg, (cfg_s, cfg_nan) in values.items():
-        if cfg == reference:
-            continue
-        shared = ref_s.index.intersection(cfg_s.index).sort_values()
-        use_paired = paired if paired is not None else len(shared) >= 2
-        notes = []
-        rng = _stream(rng_seed, cfg, metric)
-        if use_paired:
-            x = cfg_s.loc[shared].to_numpy()
-            y = ref_s.loc[shared].to_numpy()
-            d = x - y
-            dropped = (len(cfg_s) - len(shared)) + (len(ref_s) - len(shared))
-            if dropped:
-                notes.append(f"{dropped} run(s) without a same-seed partner left out")
-            t, dof, p, se = _paired_t(d)
-            diff = _mean(d)
-            p_rank = _wilcoxon_p(d)
-            p_perm = _signflip_p(d, rng)
-            _, _, _, _, tost_p = _tost_parts(diff, se, dof, low, upp)
-            test = "paired t"
-            sd_unit = math.sqrt(_var(d)) if d.size >= 2 else math.nan
-            n = d.size
-            if d.size >= 2 and not np.any(d):
-                # Identity shows equivalence at any margin >= 0, even a zero one (a metric that
-                # does not vary with the seed); the TOST formula alone could not reject at 0.
-                tost_p = 0.0
-                notes.append("bitwise identical to reference")
-        else:
-            x, y = cfg_s.to_numpy(), ref_all
-            t, dof, p, se = _welch_t(x, y)
-            diff = _mean(x) - _mean(y) if x.size and y.size else math.nan
-            p_rank = _mwu_p(x, y)
-            p_perm = _perm_ind_p(x, y, rng)
-            _, _, _, _, tost_p = _tost_parts(diff, se, dof, low, upp)
-            test = "Welch t"
-            sd_unit = (math.sqrt((_var(x) + _var(y)) / 2) if x.size >= 2 and y.size >= 2
-                       else math.nan)
-            n = x.size
-            if paired is None:
-                notes.append("fewer than 2 shared seeds: unpaired" if len(shared)
-                             else "no shared seeds: unpaired")
-        if x.size < 2 or y.size < 2:
-            notes.append("too few finite runs to test")
-        if not upp > low and tost_p != 0.0:
-            notes.append("margin is 0: equivalence cannot be shown")
-        ci = (bootstrap_ci(x, y, paired=use_paired, n_boot=n_boot, rng_seed=rng)
-              if x.size and y.size else (math.nan, math.nan))
-        mean_ref, mean_cfg = _mean(y), _mean(x)
-        g = (hedges_g(x, y, paired=use_paired) if x.size >= 2 and y.size >= 2 else math.nan)
 
-        # Divergence is a result too: compare the NaN rates (Fisher's exact test, 2x2).
-        p_div = 1.0
-        if cfg_nan or ref_nan:
-            notes.append(f"diverged (non-finite, excluded): {cfg_nan}/{cfg_nan + len(cfg_s)} runs "
-                         f"vs {ref_nan}/{ref_nan + len(ref_s)} for reference")
-            p_div = float(stats.fisher_exact([[cfg_nan, len(cfg_s)], [ref_nan, len(ref_s)]])[1])
-
-        rows.append({
-            "config": cfg, "reference": reference, "metric": metric, "paired": bool(use_paired),
-            "n": int(n), "n_ref": int(y.size), "n_cfg": int(x.size),
-            "n_nan_ref": ref_nan, "n_nan_cfg": cfg_nan,
-            "mean_ref": mean_ref, "mean_cfg": mean_cfg, "diff": diff,
-            "rel_diff": _ratio(diff, abs(mean_ref)),
-            "ci_low": ci[0], "ci_high": ci[1], "test": test, "t": t, "dof": dof, "p": p,
-            "p_holm": p, "p_rank": p_rank, "p_perm": p_perm, "hedges_g": g,
-            "margin": half, "tost_p": tost_p, "tost_p_holm": tost_p, "p_diverge": p_div,
-            "verdict": "", "note": "; ".join(notes), "n_seeds_needed": math.nan,
-            # standardized margin for the power solve; dropped in _finalize
-            "_es": _ratio(half, sd_unit) if not math.isnan(half) else math.nan,
-        })
-    return rows
+def _margin_notes(tost_p_adj: float, diff: float, margin: float, alpha: float) -> list[str]:
+    """Notes on a ``differs`` row whose difference lies, or may lie, inside the equivalence margin."""
+    if tost_p_adj < alpha:
+        return ["significant but within margin"]
+    if abs(diff) < margin:
+        return ["significant; estimate inside margin, TOST not passed"]
+    return []
 
 
 def _finalize(rows: list[dict], alpha: float) -> pd.DataFrame:
@@ -620,10 +661,7 @@ def _finalize(rows: list[dict], alpha: float) -> pd.DataFrame:
         r["n_seeds_needed"] = pd.NA if math.isnan(n_need) else int(n_need)
         extra = []
         if r["verdict"] == "differs":
-            if th < alpha:
-                extra.append("significant but within margin")
-            elif abs(r["diff"]) < r["margin"]:
-                extra.append("significant; estimate inside margin, TOST not passed")
+            extra.extend(_margin_notes(th, r["diff"], r["margin"], alpha))
             if r["paired"] and 2.0 ** (1 - r["n"]) >= alpha:
                 # the smallest two-sided p a sign-flip or signed-rank test can give is 2 / 2**n
                 extra.append(f"n = {r['n']} too few for rank/permutation tests to reach "
@@ -660,7 +698,7 @@ def describe(per_run: pd.DataFrame, metric: str, *, include_repeats: bool = Fals
         ok = v[np.isfinite(v)]
         rows.append({
             "config": cfg, "n": int(ok.size), "mean": _mean(ok),
-            "sd": math.sqrt(_var(ok)) if ok.size >= 2 else math.nan,
+            "sd": _sd(ok),
             "median": float(np.median(ok)) if ok.size else math.nan,
             "min": float(ok.min()) if ok.size else math.nan,
             "max": float(ok.max()) if ok.size else math.nan,
@@ -733,7 +771,7 @@ def noise_floor(per_run: pd.DataFrame, metric: str) -> pd.DataFrame:
         n_nan = int((~np.isfinite(vals)).sum())
         sub = sub[np.isfinite(vals)]
         first = sub.loc[sub["repeat"] == 0, metric].to_numpy(dtype=float)
-        seed_sd = math.sqrt(_var(first)) if first.size >= 2 else math.nan
+        seed_sd = _sd(first)
         ss, dof, groups = 0.0, 0, 0
         for _, g in sub.groupby("seed", sort=False):
             v = g[metric].to_numpy(dtype=float)
@@ -877,44 +915,64 @@ def paired_core(d, margin=math.nan, scale=None) -> dict[str, np.ndarray]:
     n = d.shape[-1]
     if n < 2:
         raise ValueError("paired_core needs at least 2 differences")
-    exact = np.all(d == d[..., :1], axis=-1)
-    if scale is None:
-        scale = np.abs(d).max(axis=-1)
-    zero_var = exact | (np.ptp(d, axis=-1) <= ZERO_VAR_RTOL * np.asarray(scale, dtype=float))
+    exact, zero_var = _zero_var_masks(d, scale)
     # the mean of n copies of one float can be off by an ulp: use the value itself
     mean = np.where(exact, d[..., 0], d.mean(axis=-1))
     var = np.where(zero_var, 0.0, d.var(axis=-1, ddof=1))
     df = float(n - 1)
     se = np.sqrt(var / n)
     margin = np.abs(np.asarray(margin, dtype=float))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = mean / se
-        p = 2.0 * stats.t.sf(np.abs(t), df)
-        q95, q90 = stats.t.isf(0.025, df), stats.t.isf(0.05, df)
-        ci95 = (mean - q95 * se, mean + q95 * se)
-        ci90 = (mean - q90 * se, mean + q90 * se)
-        p_low = stats.t.sf((mean + margin) / se, df)
-        p_high = stats.t.cdf((mean - margin) / se, df)
+    res = _t_tests(mean, se, df, margin)
     if np.any(zero_var):
-        two, one = 2.0 ** (1 - n), 2.0 ** (-n)
-        t = np.where(zero_var, np.where(mean == 0, 0.0, np.copysign(np.inf, mean)), t)
-        p = np.where(zero_var, np.where(mean == 0, 1.0, two), p)
-        inf = np.inf
-        w95 = np.where(two < 0.05, 0.0, inf)
-        w90 = np.where(one < 0.05, 0.0, inf)
-        ci95 = (np.where(zero_var, mean - w95, ci95[0]), np.where(zero_var, mean + w95, ci95[1]))
-        ci90 = (np.where(zero_var, mean - w90, ci90[0]), np.where(zero_var, mean + w90, ci90[1]))
-        p_low = np.where(zero_var, np.where(mean > -margin, one, 1.0), p_low)
-        p_high = np.where(zero_var, np.where(mean < margin, one, 1.0), p_high)
-    tost_p = np.maximum(p_low, p_high)
-    tost_p = np.where(np.isnan(margin), np.nan, tost_p)
+        res = _signflip_tests(res, zero_var, mean, n, margin)
+    tost_p = np.maximum(res["p_low"], res["p_high"])
     shape = mean.shape
     return {
         "n": np.full(shape, n), "diff": mean, "sd": np.sqrt(var), "se": se, "df": np.full(shape, df),
-        "t": t, "p": np.minimum(p, 1.0), "ci95_low": ci95[0], "ci95_high": ci95[1],
-        "ci90_low": ci90[0], "ci90_high": ci90[1], "p_low": p_low, "p_high": p_high,
-        "tost_p": tost_p, "zero_var": zero_var,
+        **res, "p": np.minimum(res["p"], 1.0),
+        "tost_p": np.where(np.isnan(margin), np.nan, tost_p), "zero_var": zero_var,
     }
+
+
+def _zero_var_masks(d: np.ndarray, scale) -> tuple[np.ndarray, np.ndarray]:
+    """(exact, zero_var) on the last axis of ``d``: the differences are bitwise equal; they are equal
+    up to ZERO_VAR_RTOL x ``scale`` (default max|d|). See :func:`paired_core`."""
+    exact = np.all(d == d[..., :1], axis=-1)
+    if scale is None:
+        scale = np.abs(d).max(axis=-1)
+    return exact, exact | (np.ptp(d, axis=-1) <= ZERO_VAR_RTOL * np.asarray(scale, dtype=float))
+
+
+def _t_tests(mean, se, df: float, margin) -> dict[str, np.ndarray]:
+    """Paired t results from the mean difference and its se: ``t, p`` (two-sided, not yet capped at
+    1), the 95% and 90% t intervals, and the TOST sides ``p_low, p_high`` at +-margin."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = mean / se
+        q95, q90 = stats.t.isf(0.025, df), stats.t.isf(0.05, df)
+        return {
+            "t": t, "p": 2.0 * stats.t.sf(np.abs(t), df),
+            "ci95_low": mean - q95 * se, "ci95_high": mean + q95 * se,
+            "ci90_low": mean - q90 * se, "ci90_high": mean + q90 * se,
+            "p_low": stats.t.sf((mean + margin) / se, df),
+            "p_high": stats.t.cdf((mean - margin) / se, df),
+        }
+
+
+def _signflip_tests(res: dict, zero_var, mean, n: int, margin) -> dict[str, np.ndarray]:
+    """``res`` (from :func:`_t_tests`) with its zero-variance entries replaced by the exact sign-flip
+    test and its inverted intervals (the rule in :func:`paired_core`)."""
+    two, one = 2.0 ** (1 - n), 2.0 ** (-n)
+    w95 = np.where(two < 0.05, 0.0, np.inf)
+    w90 = np.where(one < 0.05, 0.0, np.inf)
+    exact = {
+        "t": np.where(mean == 0, 0.0, np.copysign(np.inf, mean)),
+        "p": np.where(mean == 0, 1.0, two),
+        "ci95_low": mean - w95, "ci95_high": mean + w95,
+        "ci90_low": mean - w90, "ci90_high": mean + w90,
+        "p_low": np.where(mean > -margin, one, 1.0),
+        "p_high": np.where(mean < margin, one, 1.0),
+    }
+    return {k: np.where(zero_var, exact[k], v) for k, v in res.items()}
 
 
 def t_interval(x, y=None, confidence: float = 0.95) -> tuple[float, float]:
@@ -1069,6 +1127,32 @@ def verdicts(finals: pd.DataFrame, primary: Sequence[str] | str, reference: str,
     ci90_low, ci90_high, p, p_adj, tost_p_adj, margin, margin_pct, margin_source, verdict, note``,
     then ``reference, mean_ref, sd_diff, tost_p, p_signflip, in_family``).
     """
+    primary, metrics = _verdict_metrics(finals, primary, metrics)
+    first = _first_runs(finals, metrics[0]) if metrics else finals
+    _require_reference(set(first["config"]), reference)
+    configs = [c for c in _configs(first) if c != reference]
+    roles = metric_roles(first, metrics, primary, checks)
+    copies = affine_copies(first, [m for m in metrics if roles[m] != "check"])
+
+    rows: list[dict] = []
+    for metric in metrics:
+        rows.extend(_metric_verdict_rows(first, metric, roles[metric], configs, reference, margin=margin,
+                                         margin_fraction=margin_fraction, in_family=metric not in copies,
+                                         robust=robust))
+    _holm_families(rows, alpha)
+    _copy_affine_verdicts(rows, copies, alpha)
+    for r in rows:
+        _finish_verdict_row(r, alpha, robust)
+    out = pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+    out["n"] = out["n"].astype(int)
+    out["in_family"] = out["in_family"].astype(bool)
+    return out
+
+
+def _verdict_metrics(finals: pd.DataFrame, primary: Sequence[str] | str,
+                     metrics: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(primary, metrics) as lists: metrics defaults to every numeric non-key column, primary first,
+    no duplicates; each must be a column of ``finals``."""
     if isinstance(primary, str):
         primary = [primary]
     primary = list(primary)
@@ -1078,82 +1162,113 @@ def verdicts(finals: pd.DataFrame, primary: Sequence[str] | str, reference: str,
     metrics = list(dict.fromkeys([*primary, *metrics]))  # primary first, no duplicates
     for m in metrics:
         _check(finals, m)
-    first = _first_runs(finals, metrics[0]) if metrics else finals
-    if reference not in set(first["config"]):
-        raise ValueError(f"reference config {reference!r} has no repeat == 0 runs")
-    configs = [c for c in _configs(first) if c != reference]
-    roles = metric_roles(first, metrics, primary, checks)
-    copies = affine_copies(first, [m for m in metrics if roles[m] != "check"])
+    return primary, metrics
 
-    rows: list[dict] = []
-    for metric in metrics:
-        role = roles[metric]
-        by = {c: pd.Series(g[metric].to_numpy(dtype=float), index=g["seed"].to_numpy()).sort_index()
-              for c, g in first.groupby("config", sort=False)}
-        ref = by[reference]
-        ref_ok = ref[np.isfinite(ref.to_numpy())]
-        mean_ref = _mean(ref_ok.to_numpy())
-        m_fixed = _margin_for(margin, metric)
-        if m_fixed is not None:
-            marg, source = abs(float(m_fixed)), "fixed"
-        else:
-            marg = margin_fraction * math.sqrt(_var(ref_ok.to_numpy())) if ref_ok.size >= 2 else math.nan
-            source = "seed-sd"
-        marg_pct = 100 * _ratio(marg, abs(mean_ref)) if not math.isnan(marg) else math.nan
-        for cfg in configs:
-            s = by[cfg]
-            r = {k: math.nan for k in VERDICT_COLUMNS}
-            r.update(config=cfg, machine=_machine_of(first, cfg), metric=metric, role=role,
-                     reference=reference, mean_ref=mean_ref, margin=marg, margin_pct=marg_pct,
-                     margin_source=source, in_family=False, verdict="", note="")
-            notes = []
-            shared = ref_ok.index.intersection(s[np.isfinite(s.to_numpy())].index)
-            x, y = s.loc[shared].to_numpy(), ref_ok.loc[shared].to_numpy()
-            d = x - y
-            r["n"] = int(d.size)
-            n_nan = int((~np.isfinite(s.to_numpy())).sum()) + int(ref.size - ref_ok.size)
-            if n_nan:
-                notes.append(f"{int((~np.isfinite(s.to_numpy())).sum())} config and "
-                             f"{int(ref.size - ref_ok.size)} reference run(s) diverged (non-finite), "
-                             "left out")
-            unpaired = (len(s) - len(shared)) - int((~np.isfinite(s.to_numpy())).sum())
-            if unpaired > 0:
-                notes.append(f"{unpaired} run(s) without a same-seed reference run left out")
-            if d.size:
-                r["diff"] = _mean(d)
-            if role == "check":
-                # the same value as the reference's in every seed (finite runs), up to rounding
-                same = bool(d.size and s.index.equals(ref.index)
-                            and np.all(np.abs(d) <= CHECK_RTOL * np.maximum(np.abs(x), np.abs(y))))
-                if same and not np.array_equal(x, y):
-                    notes.append("equal up to rounding (relative difference <= 1e-6)")
-                r["verdict"] = "same on every run: " + ("yes" if same else "no")
-                notes.append("check (data-only or constant metric): not tested")
-            elif (d.size >= 1 and s.index.equals(ref.index)
-                  and np.array_equal(s.to_numpy(), ref.to_numpy(), equal_nan=True)):
-                r.update(diff=0.0, ci95_low=0.0, ci95_high=0.0, ci90_low=0.0, ci90_high=0.0,
-                         sd_diff=0.0, verdict="identical")
-                notes.append(f"bitwise identical to {reference} in all {d.size} seeds: not tested, "
-                             "left out of the family")
-            elif d.size < 2:
-                r["verdict"] = "inconclusive"
-                notes.append("fewer than 2 paired seeds: not tested")
-            else:
-                core = paired_core(d, marg, scale=max(np.abs(x).max(), np.abs(y).max()))
-                for k in ("ci95_low", "ci95_high", "ci90_low", "ci90_high", "p", "tost_p"):
-                    r[k] = float(core[k])
-                r["diff"] = float(core["diff"])
-                r["sd_diff"] = float(core["sd"])
-                r["in_family"] = metric not in copies
-                if bool(core["zero_var"]):
-                    notes.append(f"{_fmt_num(r['diff'])} in every seed (sd of differences 0: p from "
-                                 f"the exact sign-flip test, 2/2^n = {2.0 ** (1 - d.size):.3g})")
-                if robust:
-                    r["p_signflip"] = _signflip_p(d, np.random.default_rng(0))
-            r["_notes"] = notes
-            rows.append(r)
 
-    # Holm within each family, for the difference p and the TOST p separately.
+def _verdict_margin(margin, metric: str, ref_ok: np.ndarray, margin_fraction: float) -> tuple[float, str]:
+    """(margin, margin_source) of one metric: the given one ("fixed"), else from the seed sd."""
+    m_fixed = _margin_for(margin, metric)
+    if m_fixed is not None:
+        return abs(float(m_fixed)), "fixed"
+    return _default_margin(ref_ok, margin_fraction), "seed-sd"
+
+
+def _metric_verdict_rows(first: pd.DataFrame, metric: str, role: str, configs: list[str], reference: str, *,
+                         margin, margin_fraction: float, in_family: bool, robust: bool) -> list[dict]:
+    """The rows of :func:`verdicts` for one metric, one per config, before Holm; notes in ``_notes``."""
+    by = {c: _seed_series(g, metric) for c, g in first.groupby("config", sort=False)}
+    ref = by[reference]
+    ref_ok = ref[np.isfinite(ref.to_numpy())]
+    mean_ref = _mean(ref_ok.to_numpy())
+    marg, source = _verdict_margin(margin, metric, ref_ok.to_numpy(), margin_fraction)
+    marg_pct = 100 * _ratio(marg, abs(mean_ref)) if not math.isnan(marg) else math.nan
+    rows = []
+    for cfg in configs:
+        r = {k: math.nan for k in VERDICT_COLUMNS}
+        r.update(config=cfg, machine=_machine_of(first, cfg), metric=metric, role=role,
+                 reference=reference, mean_ref=mean_ref, margin=marg, margin_pct=marg_pct,
+                 margin_source=source, in_family=False, verdict="", note="")
+        _fill_verdict_row(r, by[cfg], ref, ref_ok, in_family=in_family, robust=robust)
+        rows.append(r)
+    return rows
+
+
+def _fill_verdict_row(r: dict, s: pd.Series, ref: pd.Series, ref_ok: pd.Series, *, in_family: bool,
+                      robust: bool) -> None:
+    """Fill one (config, metric) row in place from the config's values ``s`` and the reference's
+    (``ref``, its finite part ``ref_ok``, all indexed by seed): n, diff, and either the paired test
+    or why there is none. Its notes go to ``r["_notes"]``."""
+    shared = ref_ok.index.intersection(s[np.isfinite(s.to_numpy())].index)
+    x, y = s.loc[shared].to_numpy(), ref_ok.loc[shared].to_numpy()
+    d = x - y
+    r["n"] = int(d.size)
+    notes = _pairing_notes(s, ref, ref_ok, shared)
+    if d.size:
+        r["diff"] = _mean(d)
+    if r["role"] == "check":
+        notes.extend(_check_verdict(r, s, ref, x, y, d))
+    elif (d.size >= 1 and s.index.equals(ref.index)
+          and np.array_equal(s.to_numpy(), ref.to_numpy(), equal_nan=True)):
+        r.update(diff=0.0, ci95_low=0.0, ci95_high=0.0, ci90_low=0.0, ci90_high=0.0,
+                 sd_diff=0.0, verdict="identical")
+        notes.append(f"bitwise identical to {r['reference']} in all {d.size} seeds: not tested, "
+                     "left out of the family")
+    elif d.size < 2:
+        r["verdict"] = "inconclusive"
+        notes.append("fewer than 2 paired seeds: not tested")
+    else:
+        notes.extend(_paired_test(r, d, x, y, in_family=in_family, robust=robust))
+    r["_notes"] = notes
+
+
+def _pairing_notes(s: pd.Series, ref: pd.Series, ref_ok: pd.Series, shared) -> list[str]:
+    """Notes on the runs a row leaves out: diverged ones, and config runs with no reference partner."""
+    n_nan_cfg = int((~np.isfinite(s.to_numpy())).sum())
+    n_nan_ref = int(ref.size - ref_ok.size)
+    notes = []
+    if n_nan_cfg + n_nan_ref:
+        notes.append(f"{n_nan_cfg} config and {n_nan_ref} reference run(s) diverged (non-finite), left out")
+    unpaired = (len(s) - len(shared)) - n_nan_cfg
+    if unpaired > 0:
+        notes.append(f"{unpaired} run(s) without a same-seed reference run left out")
+    return notes
+
+
+def _check_verdict(r: dict, s: pd.Series, ref: pd.Series, x: np.ndarray, y: np.ndarray,
+                   d: np.ndarray) -> list[str]:
+    """A check metric's verdict (into ``r``): the same value as the reference's in every seed (finite
+    runs), up to rounding. Returns its notes."""
+    same = bool(d.size and s.index.equals(ref.index)
+                and np.all(np.abs(d) <= CHECK_RTOL * np.maximum(np.abs(x), np.abs(y))))
+    notes = []
+    if same and not np.array_equal(x, y):
+        notes.append("equal up to rounding (relative difference <= 1e-6)")
+    r["verdict"] = "same on every run: " + ("yes" if same else "no")
+    notes.append("check (data-only or constant metric): not tested")
+    return notes
+
+
+def _paired_test(r: dict, d: np.ndarray, x: np.ndarray, y: np.ndarray, *, in_family: bool,
+                 robust: bool) -> list[str]:
+    """The paired test of a row with at least 2 paired seeds (into ``r``). Returns its notes."""
+    core = paired_core(d, r["margin"], scale=max(np.abs(x).max(), np.abs(y).max()))
+    for k in ("ci95_low", "ci95_high", "ci90_low", "ci90_high", "p", "tost_p"):
+        r[k] = float(core[k])
+    r["diff"] = float(core["diff"])
+    r["sd_diff"] = float(core["sd"])
+    r["in_family"] = in_family
+    notes = []
+    if bool(core["zero_var"]):
+        notes.append(f"{_fmt_num(r['diff'])} in every seed (sd of differences 0: p from "
+                     f"the exact sign-flip test, 2/2^n = {2.0 ** (1 - d.size):.3g})")
+    if robust:
+        r["p_signflip"] = _signflip_p(d, np.random.default_rng(0))
+    return notes
+
+
+def _holm_families(rows: list[dict], alpha: float) -> None:
+    """Holm within each family (primary, secondary), for the difference p and the TOST p separately;
+    sets p_adj, tost_p_adj and the verdict of the rows in a family."""
     for role in ("primary", "secondary"):
         fam = [r for r in rows if r["role"] == role and r["in_family"]]
         if fam:
@@ -1165,7 +1280,11 @@ def verdicts(finals: pd.DataFrame, primary: Sequence[str] | str, reference: str,
                 r["verdict"] = str(decide_rows(pa, ta, alpha))
                 r["_notes"].append(f"{'confirmatory' if role == 'primary' else 'exploratory'}: "
                                    f"Holm over {len(fam)} comparisons")
-    # Affine copies: the same test as the kept metric (t is invariant under y = k x + c).
+
+
+def _copy_affine_verdicts(rows: list[dict], copies: dict[str, tuple[str, float, float]], alpha: float) -> None:
+    """Affine copies: the same test as the kept metric (t is invariant under y = k x + c), so its
+    adjusted p and verdict where the margins are proportional, else the unadjusted p's verdict."""
     index = {(r["config"], r["metric"]): r for r in rows}
     for r in rows:
         if r["metric"] in copies and r["verdict"] == "" and not math.isnan(r["p"]):
@@ -1182,23 +1301,20 @@ def verdicts(finals: pd.DataFrame, primary: Sequence[str] | str, reference: str,
             else:
                 r["verdict"] = str(decide_rows(r["p"], r["tost_p"], alpha))
                 r["_notes"].append("margin not proportional to the kept metric's: unadjusted p")
-    for r in rows:
-        notes = r.pop("_notes")
-        if r["verdict"] == "":
-            r["verdict"] = "inconclusive"
-        if r["verdict"] == "differs":
-            if r["tost_p_adj"] < alpha:
-                notes.append("significant but within margin")
-            elif abs(r["diff"]) < r["margin"]:
-                notes.append("significant; estimate inside margin, TOST not passed")
-            if robust and r["n"] >= 2:
-                if signflip_min_p(r["n"]) >= alpha:
-                    notes.append(f"n = {r['n']} too few for a sign-flip or rank test to reach "
-                                 f"p < {alpha:g} (smallest possible p {signflip_min_p(r['n']):.3g})")
-                elif r["p_signflip"] >= alpha:
-                    notes.append(f"sign-flip test not significant (p = {r['p_signflip']:.2g})")
-        r["note"] = "; ".join(notes)
-    out = pd.DataFrame(rows, columns=VERDICT_COLUMNS)
-    out["n"] = out["n"].astype(int)
-    out["in_family"] = out["in_family"].astype(bool)
-    return out
+
+
+def _finish_verdict_row(r: dict, alpha: float, robust: bool) -> None:
+    """Last touches in place: no verdict yet means inconclusive; notes on ``differs`` rows; ``_notes``
+    joined into ``note``."""
+    notes = r.pop("_notes")
+    if r["verdict"] == "":
+        r["verdict"] = "inconclusive"
+    if r["verdict"] == "differs":
+        notes.extend(_margin_notes(r["tost_p_adj"], r["diff"], r["margin"], alpha))
+        if robust and r["n"] >= 2:
+            if signflip_min_p(r["n"]) >= alpha:
+                notes.append(f"n = {r['n']} too few for a sign-flip or rank test to reach "
+                             f"p < {alpha:g} (smallest possible p {signflip_min_p(r['n']):.3g})")
+            elif r["p_signflip"] >= alpha:
+                notes.append(f"sign-flip test not significant (p = {r['p_signflip']:.2g})")
+    r["note"] = "; ".join(notes)

@@ -512,36 +512,19 @@ def _export_run(ml: _Mlflow, client, eid: str, study_name: str, definition: dict
                 summary: MlflowExportSummary) -> None:
     params = {k: v[: ml.max_param] for k, v in run_params(run, definition).items()}
     tags = {k: v[: ml.max_tag] for k, v in run_tags(run, study_name, definition, verdicts).items()}
-    want: dict[str, dict[int, float]] = {}
-    if metrics is not None:
-        for step, name, value in zip(metrics["step"], metrics["name"], metrics["value"]):
-            want.setdefault(_key(name), {})[int(step)] = float(value)
+    want = _wanted_metrics(metrics)
     files = _artifact_files(run, arts, summary)
     status = STATUS.get(str(run["state"]), "FAILED")
     start, end = _ms(run.get("created")), _ms(run.get("finished_at"))
-    content = {
-        "v": EXPORT_VERSION, "params": params, "tags": tags, "status": status, "start": start, "end": end,
-        "metrics": {k: sorted((s, repr(_cmp(v))) for s, v in d.items()) for k, d in want.items()},
-        "files": [(str(folder), p.name, sha) for p, folder, sha in files], "run": _run_json(run),
-    }
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    digest = _content_hash(run, params, tags, status, start, end, want, files)
 
     if mlrun is not None and mlrun.data.tags.get(TAG_HASH) == digest:
         summary.skipped += 1
         return
 
-    todo_metrics: list[tuple[str, int, float]] | None = None
     was_there = mlrun is not None
     if mlrun is not None:
-        old_params = mlrun.data.params
-        clash = any(k in old_params and old_params[k] != v for k, v in params.items())
-        todo_metrics = None if clash else _metric_plan(client, mlrun, want)
-        if todo_metrics is None:  # MLflow cannot edit params or drop metric rows: write the run again
-            client.delete_run(mlrun.info.run_id)
-            summary.rebuilt += 1
-            mlrun = None
-        else:
-            params = {k: v for k, v in params.items() if k not in old_params}
+        mlrun, params, todo_metrics = _update_plan(client, mlrun, params, want, summary)
     if mlrun is None:
         mlrun = client.create_run(eid, start_time=start, tags={TAG_RUN_ID: tags[TAG_RUN_ID]},
                                   run_name=run_name(run, definition))
@@ -557,6 +540,53 @@ def _export_run(ml: _Mlflow, client, eid: str, study_name: str, definition: dict
          metrics=[ml.Metric(k, v, ts, s) for k, s, v in todo_metrics])
     for k in stale:
         client.delete_tag(mid, k)
+    _upload_and_close(client, mid, run, files, status, end, digest)
+    if was_there:
+        summary.updated += 1
+    else:
+        summary.created += 1
+
+
+def _wanted_metrics(metrics: pd.DataFrame | None) -> dict[str, dict[int, float]]:
+    """{MLflow metric key: {step: value}} of a run's stored metric rows."""
+    want: dict[str, dict[int, float]] = {}
+    if metrics is not None:
+        for step, name, value in zip(metrics["step"], metrics["name"], metrics["value"]):
+            want.setdefault(_key(name), {})[int(step)] = float(value)
+    return want
+
+
+def _content_hash(run: pd.Series, params: dict[str, str], tags: dict[str, str], status: str, start: int | None,
+                  end: int | None, want: dict[str, dict[int, float]],
+                  files: list[tuple[Path, str | None, str]]) -> str:
+    """sha256 of everything an export writes for a run (the ``devicediff.content_hash`` tag)."""
+    content = {
+        "v": EXPORT_VERSION, "params": params, "tags": tags, "status": status, "start": start, "end": end,
+        "metrics": {k: sorted((s, repr(_cmp(v))) for s, v in d.items()) for k, d in want.items()},
+        "files": [(str(folder), p.name, sha) for p, folder, sha in files], "run": _run_json(run),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _update_plan(client, mlrun, params: dict[str, str], want: dict[str, dict[int, float]],
+                 summary: MlflowExportSummary):
+    """How to bring an existing, out-of-date MLflow run up to date: (mlrun, params to log, metric rows
+    to log). MLflow cannot edit params or drop metric rows: when that would be needed the run is
+    deleted and ``(None, params, None)`` returned, for the caller to write it again."""
+    old_params = mlrun.data.params
+    clash = any(k in old_params and old_params[k] != v for k, v in params.items())
+    todo_metrics = None if clash else _metric_plan(client, mlrun, want)
+    if todo_metrics is None:
+        client.delete_run(mlrun.info.run_id)
+        summary.rebuilt += 1
+        return None, params, None
+    return mlrun, {k: v for k, v in params.items() if k not in old_params}, todo_metrics
+
+
+def _upload_and_close(client, mid: str, run: pd.Series, files: list[tuple[Path, str | None, str]], status: str,
+                      end: int | None, digest: str) -> None:
+    """Upload the run's files and ``devicediff/run.json``, set its status, and last the content hash
+    (a run cut short is then brought up to date next time)."""
     for p, folder, _ in files:
         client.log_artifact(mid, str(p), folder)
     with tempfile.TemporaryDirectory(prefix="devicediff_mlflow_") as d:
@@ -567,8 +597,4 @@ def _export_run(ml: _Mlflow, client, eid: str, study_name: str, definition: dict
         client.update_run(mid, status="RUNNING")
     else:
         client.set_terminated(mid, status=status, end_time=end)
-    client.set_tag(mid, TAG_HASH, digest)  # last: a run cut short is brought up to date next time
-    if was_there:
-        summary.updated += 1
-    else:
-        summary.created += 1
+    client.set_tag(mid, TAG_HASH, digest)

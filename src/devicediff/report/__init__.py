@@ -30,7 +30,10 @@ from devicediff.errors import UsageError
 from devicediff.analysis import curves as curve_fns
 from devicediff.analysis import frames
 from devicediff.report import plots
+from devicediff.report import verdicts as vd
 from devicediff.report.data import StudyData, load_report_data
+from devicediff.report.predictions import Predictions, analyse_predictions
+from devicediff.report.timing import study_efficiency
 from devicediff.store import Store
 
 __all__ = ["write_report", "analyse", "Analysis"]
@@ -38,14 +41,19 @@ __all__ = ["write_report", "analyse", "Analysis"]
 REPORT_NAME = "report.html"
 MAX_CURVES = 4
 GRID_ARTIFACT = "prediction_grid"
+PER_CLASS = re.compile(vd.PER_CLASS_PATTERN)  # per-class metrics: the heatmap shows them, not the verdict plot
 
 
 @dataclass
 class Analysis:
-    metrics: list[str] = field(default_factory=list)  # verdict metrics, headline first
-    headline: str | None = None
-    verdicts: pd.DataFrame | None = None
+    metrics: list[str] = field(default_factory=list)  # verdict metrics: primary, secondary, checks
+    headline: str | None = None  # the first primary metric
+    roles: dict[str, str] = field(default_factory=dict)  # metric -> primary / secondary / check
+    verdicts: pd.DataFrame | None = None  # stats.verdicts: one row per config and metric
     sentences: dict[str, str] = field(default_factory=dict)
+    seeds_needed: dict = field(default_factory=dict)  # (config, metric) -> (seeds, goal, note)
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # config -> its runs' warnings
+    looks: dict | None = None  # run --until-decided: looks taken
     noise: pd.DataFrame | None = None
     describe: dict[str, pd.DataFrame] = field(default_factory=dict)
     bitwise: pd.DataFrame | None = None
@@ -54,8 +62,13 @@ class Analysis:
     wd: pd.DataFrame | None = None
     wd_summary: pd.DataFrame | None = None
     grids: dict = field(default_factory=dict)  # {"seed": s, "entries": [(label, path)]}
+    predictions: Predictions | None = None  # held-out predictions: churn, per class, disagreements
+    efficiency: dict | None = None  # report.timing.study_efficiency
     diverge: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # sections that could not be computed, and why
+
+    def of_role(self, role: str) -> list[str]:
+        return [m for m in self.metrics if self.roles.get(m) == role]
 
 
 def _stats():
@@ -71,13 +84,33 @@ def _curve_metric_names(metrics: pd.DataFrame) -> list[str]:
         return []
     steps = metrics.groupby("name")["step"].nunique()
     names = [n for n in steps.index if steps[n] >= 2 and not n.startswith("baseline_")]
-    first = ["eval_loss", "train_loss", "eval_mse", "eval_ssim"]
+    first = ["eval_loss", "train_loss", "eval_mse", "eval_ssim", "eval_accuracy"]
     return sorted(names, key=lambda n: (first.index(n) if n in first else len(first), n))[:MAX_CURVES]
 
 
-def _sentence_fallback(v: pd.DataFrame, metric: str) -> str:
-    rows = v[v["metric"] == metric]
-    return "; ".join(f"{r['config']} {r['verdict']}" for _, r in rows.iterrows())
+def _verdicts_part(data: StudyData, a: Analysis) -> None:
+    """Verdicts with roles, sentences, seeds needed, warnings and sequential looks."""
+    a.verdicts, problem = vd.role_verdicts(data)
+    if problem:
+        a.problems.append(problem)
+    elif data.verdict_problem and a.verdicts is None:
+        a.problems.append(data.verdict_problem)
+    a.warnings = vd.run_warnings(data)
+    a.looks = vd.looks_summary(getattr(data, "sequential", None))
+    if a.verdicts is None or a.verdicts.empty:
+        a.metrics = list(data.verdict_metrics)
+        a.headline = data.headline
+        return
+    v = a.verdicts
+    a.roles = dict(zip(v["metric"], v["role"]))
+    seen = list(dict.fromkeys(v["metric"]))
+    a.metrics = [m for r in vd.ROLES for m in seen if a.roles[m] == r]
+    a.headline = next(iter(a.of_role("primary")), a.metrics[0] if a.metrics else None)
+    for m in a.metrics:
+        a.sentences[m] = vd.sentence(v, m)
+    a.seeds_needed, problem = vd.seeds_needed(data, v)
+    if problem:
+        a.problems.append(problem)
 
 
 def analyse(data: StudyData) -> Analysis:
@@ -88,22 +121,11 @@ def analyse(data: StudyData) -> Analysis:
     stats = _stats()
     if stats is None:
         a.problems.append("statistics unavailable: devicediff.analysis.stats could not be imported")
-    a.metrics = list(data.verdict_metrics)
-    a.headline = data.headline
-    # -- verdicts: computed once, by the loader (devicediff.analysis.load) ------------------------
-    if data.verdict_problem and stats is not None:
-        a.problems.append(data.verdict_problem)
-    if data.verdicts is not None:
-        a.verdicts = data.verdicts
-        for m in a.metrics:
-            try:
-                a.sentences[m] = stats.summary_sentence(a.verdicts, m)
-            except Exception:  # noqa: BLE001
-                a.sentences[m] = _sentence_fallback(a.verdicts, m)
+    _verdicts_part(data, a)
     # -- noise floor and per-config description -------------------------------------------------
     if stats is not None and a.metrics:
         parts = []
-        for m in a.metrics:
+        for m in [m for m in a.metrics if a.roles.get(m) != "check"]:
             try:
                 parts.append(stats.noise_floor(fin, m).assign(metric=m))
             except Exception as e:  # noqa: BLE001
@@ -121,37 +143,56 @@ def analyse(data: StudyData) -> Analysis:
             a.init_check = frames.init_hash_check(data.runs[data.runs["state"] == "finished"])
         except Exception as e:  # noqa: BLE001
             a.problems.append(f"bitwise table: {type(e).__name__}: {e}")
-    # -- curves --------------------------------------------------------------------------------
     fruns = data.runs[data.runs["state"] == "finished"] if len(data.runs) else data.runs
     if len(fruns):
-        fmetrics = data.metrics[data.metrics["run_id"].isin(set(fruns["run_id"]))]
-        for name in _curve_metric_names(fmetrics):
-            long = frames.curves(fruns, fmetrics, name)
-            mean = curve_fns.mean_curves(long, order=data.order)
-            diff = curve_fns.difference_curves(long, data.reference, order=data.order)
-            a.curves[name] = (mean, diff)
-        if len(data.weights):
-            try:
-                a.wd = curve_fns.weight_distances(fruns, data.weights, data.reference)
-                a.wd_summary = curve_fns.weight_distance_summary(a.wd)
-            except Exception as e:  # noqa: BLE001
-                a.problems.append(f"weight distances: {type(e).__name__}: {e}")
-    # -- PredNet prediction grids: one seed, every config -----------------------------------------
-    if len(data.artifacts) and len(fruns):
-        g = data.artifacts[data.artifacts["name"] == GRID_ARTIFACT].merge(
-            fruns[["run_id", "config", "seed", "repeat"]], on="run_id")
-        g = g[g["repeat"] == 0]
-        if len(g):
-            per_seed = g.groupby("seed")["config"].nunique()
-            seed = sorted(per_seed.index, key=lambda s: (-per_seed[s], s))[0]
-            gs = g[g["seed"] == seed].drop_duplicates("config")
-            rank = {c: i for i, c in enumerate(data.order)}
-            gs = gs.assign(_o=gs["config"].map(lambda c: rank.get(c, len(rank)))).sort_values("_o")
-            a.grids = {"seed": seed, "entries": list(zip(gs["config"], gs["path"]))}
+        _curves_part(data, fruns, a)
+        _grids_part(data, fruns, a)
+    # -- held-out predictions (classifier): churn, per class, disagreements ----------------------
+    try:
+        a.predictions = analyse_predictions(data, data.reference)
+    except Exception as e:  # noqa: BLE001
+        a.problems.append(f"predictions: {type(e).__name__}: {e}")
+    if a.predictions is not None:
+        a.problems.extend(a.predictions.problems)
+    # -- efficiency ------------------------------------------------------------------------------
+    a.efficiency, problem = study_efficiency(data.runs, data.sessions)
+    if problem:
+        a.problems.append(problem)
     # -- divergence analyses ---------------------------------------------------------------------
     for _, r in data.analyses.iterrows():
         a.diverge.append({"key": str(r["key"]), "payload": r["payload"], "created": r.get("created")})
     return a
+
+
+def _curves_part(data: StudyData, fruns: pd.DataFrame, a: Analysis) -> None:
+    fmetrics = data.metrics[data.metrics["run_id"].isin(set(fruns["run_id"]))]
+    for name in _curve_metric_names(fmetrics):
+        long = frames.curves(fruns, fmetrics, name)
+        mean = curve_fns.mean_curves(long, order=data.order)
+        diff = curve_fns.difference_curves(long, data.reference, order=data.order)
+        a.curves[name] = (mean, diff)
+    if len(data.weights):
+        try:
+            a.wd = curve_fns.weight_distances(fruns, data.weights, data.reference)
+            a.wd_summary = curve_fns.weight_distance_summary(a.wd)
+        except Exception as e:  # noqa: BLE001
+            a.problems.append(f"weight distances: {type(e).__name__}: {e}")
+
+
+def _grids_part(data: StudyData, fruns: pd.DataFrame, a: Analysis) -> None:
+    """PredNet prediction grids: one seed (the one most configs have), every config."""
+    if not len(data.artifacts):
+        return
+    g = data.artifacts[data.artifacts["name"] == GRID_ARTIFACT].merge(
+        fruns[["run_id", "config", "seed", "repeat"]], on="run_id")
+    g = g[g["repeat"] == 0]
+    if len(g):
+        per_seed = g.groupby("seed")["config"].nunique()
+        seed = sorted(per_seed.index, key=lambda s: (-per_seed[s], s))[0]
+        gs = g[g["seed"] == seed].drop_duplicates("config")
+        rank = {c: i for i, c in enumerate(data.order)}
+        gs = gs.assign(_o=gs["config"].map(lambda c: rank.get(c, len(rank)))).sort_values("_o")
+        a.grids = {"seed": seed, "entries": list(zip(gs["config"], gs["path"]))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,15 +276,24 @@ def _diverge_png(payload: dict, out_dir: Path) -> tuple[bytes | None, str | None
 def _figures(data: StudyData, a: Analysis, images: _Images) -> dict:
     colors = plots.colors_for(data.order, data.reference)
     figs: dict = {"curves": {}, "grids": [], "diverge": []}
-    def guarded(name, fn, *args):
+    def guarded(name, fn, *args, **kw):
         try:
-            return images.add(name, fn(*args))
+            return images.add(name, fn(*args, **kw))
         except Exception as e:  # noqa: BLE001 - a figure that fails must not lose the report
             a.problems.append(f"figure {name}: {type(e).__name__}: {e}")
             return None
 
     if a.verdicts is not None and len(a.verdicts):
-        figs["forest"] = guarded("verdicts", plots.forest_plot, a.verdicts, a.metrics, data.order)
+        flagged = set(a.warnings)
+        for role, name, title in (
+                ("primary", "verdicts", f"primary (confirmatory): difference to {data.reference}, "
+                                        "mean over seeds, 90% CI (thick) and 95% CI (thin)"),
+                ("secondary", "verdicts-secondary", f"secondary (exploratory): difference to {data.reference}")):
+            mets = [m for m in a.of_role(role) if not PER_CLASS.match(m)]
+            frame = vd.plot_frame(a.verdicts, mets)
+            figs[f"verdicts_{role}"] = guarded(name, plots.verdict_plot, frame, mets, data.order,
+                                               title=title, flagged=flagged, max_metrics=4 if role == "primary" else 6)
+    _prediction_figures(data, a, figs, guarded)
     for name, (mean, diff) in a.curves.items():
         figs["curves"][name] = guarded(f"curve-{name}", plots.curve_plot, mean, diff, name, data.reference,
                                        data.order, colors)
@@ -257,6 +307,19 @@ def _figures(data: StudyData, a: Analysis, images: _Images) -> dict:
         png, err = _diverge_png(dv["payload"], images.out_dir) if isinstance(dv["payload"], dict) else (None, None)
         figs["diverge"].append({"image": images.add(f"diverge-{i}-{dv['key']}", png), "error": err})
     return figs
+
+
+def _prediction_figures(data: StudyData, a: Analysis, figs: dict, guarded) -> None:
+    p = a.predictions
+    if p is None:
+        return
+    if p.pairs is not None and len(p.pairs):
+        figs["churn"] = guarded("churn", plots.churn_plot, p.pairs, p.churn, data.order, data.reference)
+    if p.per_class is not None and len(p.per_class):
+        figs["per_class"] = guarded("per-class-accuracy", plots.class_heatmap, p.per_class, data.order)
+    if p.images is not None and p.disagree is not None and len(p.disagree):
+        figs["disagree"] = guarded("disagreements", plots.disagreement_grid, p.disagree, p.images, data.reference,
+                                   data.order)
 
 
 def write_report(store: Store, out_dir: Path, study_name: str | None = None) -> Path:

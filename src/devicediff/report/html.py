@@ -73,6 +73,15 @@ def pct(x: Any, sig: int = 3) -> str:
     return "–" if math.isnan(v) else signed(v, sig) + "%"
 
 
+def share(x: Any, sig: int = 3) -> str:
+    """A fraction as an unsigned percentage: 0.0785 -> "7.85%"."""
+    try:
+        v = 100 * float(x)
+    except (TypeError, ValueError):
+        return "–"
+    return "–" if math.isnan(v) else num(v, sig) + "%"
+
+
 def pval(p: Any) -> str:
     try:
         v = float(p)
@@ -135,11 +144,16 @@ def _definition(data: StudyData, store_note: str | None) -> list[tuple[str, str]
     b = {k: v for k, v in (d.get("budget") or {}).items() if v is not None}
     if b:
         out.append(("budget", ", ".join(f"{k} = {v}" for k, v in b.items())))
+    primary = list(getattr(data, "primary", []) or d.get("primary") or [])
+    if primary:
+        src = {"study": "set by the study", "workload": "declared by the workload",
+               "fallback": "the first evaluation metric: none declared"}.get(getattr(data, "primary_source", ""), "")
+        out.append(("primary metric", ", ".join(map(str, primary)) + (f" ({src})" if src else "")))
     if d.get("margin") is not None:
-        out.append(("equivalence margin", f"±{num(d['margin'])} (absolute, every metric)"))
+        out.append(("equivalence margin", f"±{_compact(d['margin'])}, fixed in advance (absolute)"))
     else:
-        out.append(("equivalence margin", f"±{num(d.get('margin_fraction', 0.5))} × the reference's sd across seeds"
-                                          " (per metric)"))
+        out.append(("equivalence margin", f"±{num(d.get('margin_fraction') or 0.5)} × the reference's sd across seeds,"
+                                          " derived per metric (not fixed in advance)"))
     if store_note:
         out.append(("store", store_note))
     return out
@@ -226,7 +240,8 @@ def _settings(cfg: dict) -> str:
     for k, v in cfg.items():
         if k in ("name", "note", "ray_resources", "python"):
             continue
-        if k in ("device", "threads") or (k in defaults and v != defaults[k]) or (k not in defaults and v not in (None, {}, [])):
+        default = list(defaults[k]) if isinstance(defaults.get(k), tuple) else defaults.get(k)  # stored as JSON lists
+        if k in ("device", "threads") or (k in defaults and v != default) or (k not in defaults and v not in (None, {}, [])):
             parts.append(f"{k}={_compact(v)}")
     if cfg.get("python"):
         parts.append(f"python={cfg['python']}")
@@ -263,6 +278,28 @@ def _effective_cells(effs: dict[str, Any]) -> dict[str, dict]:
     return out
 
 
+_PRECISION_KEYS = ("precision", "compile", "compile_mode", "cuda_graphs")
+
+
+def _versions_cell(g: pd.DataFrame) -> dict:
+    """Library versions of a config's runs (fingerprint ``libraries``; several sets joined by " / ")
+    and the precision / compile mode in effect when set (not fp32, not eager)."""
+    sets = []
+    for fp in g["fingerprint"] if "fingerprint" in g else []:
+        libs = fp.get("libraries") if isinstance(fp, dict) else None
+        if isinstance(libs, dict) and libs:
+            txt = ", ".join(f"{k} {v}" for k, v in libs.items() if v)
+            if txt not in sets:
+                sets.append(txt)
+    extra = []
+    eff = next((e for e in (g["effective"] if "effective" in g else []) if isinstance(e, dict)), {})
+    for k in _PRECISION_KEYS:
+        v = eff.get(k)
+        if v not in (None, False, "", "fp32", "none", [], {}):
+            extra.append(f"{k} {'on' if v is True else v}")
+    return cell(" · ".join([" / ".join(sets)] * bool(sets) + extra), "small")
+
+
 def _counts(g: pd.DataFrame) -> str:
     c = g["state"].value_counts().to_dict()
     s = str(c.get("finished", 0))
@@ -295,7 +332,9 @@ def _configs_table(data: StudyData, a) -> dict | None:
         cj = first["config_json"] if isinstance(first["config_json"], dict) else {}
         t = fin["train_time"].astype(float).mean() if len(fin) and "train_time" in fin else math.nan
         name = cfg + ("  (reference)" if cfg == data.reference else "")
-        row = [cell(name, "cfg ref" if cfg == data.reference else "cfg"), cell(_settings(cj), "small"),
+        flag = "⚠ " if cfg in a.warnings else ""
+        row = [cell(flag + name, "cfg ref" if cfg == data.reference else "cfg"), cell(_settings(cj), "small"),
+               _versions_cell(fin if len(fin) else g),
                eff_cells.get(cfg, cell("")), cell(cj.get("note", ""), "small"), cell(_counts(g), "num")]
         if hm:
             if desc is not None and cfg in desc.index:
@@ -305,7 +344,9 @@ def _configs_table(data: StudyData, a) -> dict | None:
                 row.append(cell("–", "num"))
         row.append(cell(num(t, 3) + (" s" if math.isfinite(t) else ""), "num"))
         rows.append(row)
-    cols = [col("config"), col("settings (non-default)"), col("took effect (what differs; hover for all)", False, "settings the worker reported as in effect, first finished run"), col("note"),
+    cols = [col("config"), col("settings (non-default)"),
+            col("libraries · precision", False, "library versions from the runs' fingerprints; precision and compile mode in effect, when set"),
+            col("took effect (what differs; hover for all)", False, "settings the worker reported as in effect, first finished run"), col("note"),
             col("runs", True)]
     if hm:
         cols.append(col(f"{hm} mean ± sd", True, "over first runs, one per seed"))
@@ -314,35 +355,103 @@ def _configs_table(data: StudyData, a) -> dict | None:
 
 
 def _verdict_class(v: str) -> str:
-    return {"equivalent": "ok", "differs": "bad", "inconclusive": "warn"}.get(v, "")
+    v = str(v)
+    if v.startswith("same on every run"):
+        return "ok" if v.endswith("yes") else "bad"
+    return {"equivalent": "ok", "identical": "ok", "differs": "bad", "inconclusive": "warn"}.get(v, "")
 
 
-def _verdict_table(a) -> dict | None:
-    v = a.verdicts
-    if v is None or v.empty:
-        return None
-    cols = [col("config"), col("verdict"), col("n (test)", False, "seeds (pairs when paired by seed)"),
-            col("mean ref", True), col("diff", True, "config − reference"),
-            col("rel. diff", True, "diff / |mean ref|"), col("95% CI of diff", True, "percentile bootstrap"),
-            col("p (Holm)", True, "primary test, Holm-adjusted over the whole table"),
-            col("TOST p (Holm)", True, "equivalence at ±margin, Holm-adjusted"), col("margin ±", True),
-            col("Hedges g", True, "difference in units of the spread across seeds")]
+def _ci(lo: Any, hi: Any) -> str:
+    return f"[{signed(lo)}, {signed(hi)}]"
+
+
+MARGIN_SOURCES = {"fixed": "fixed in advance", "seed-sd": "derived from the reference's seed sd"}
+
+
+def _margin_text(r, fraction: Any = None) -> str:
+    """"±0.0012 = 0.52% of the reference mean, derived from the reference's seed sd (0.5 × sd)"."""
+    src = str(r.get("margin_source", "") or "")
+    how = MARGIN_SOURCES.get(src, src)
+    if src == "seed-sd" and fraction is not None:
+        how += f" ({num(fraction, 3)} × sd)"
+    m_pct = r.get("margin_pct")
+    pct_txt = f" = {num(m_pct, 3)}% of the reference mean" if _isnum(m_pct) and math.isfinite(float(m_pct)) else ""
+    return f"margin ±{num(r.get('margin'))}{pct_txt}, {how}" if how else f"margin ±{num(r.get('margin'))}{pct_txt}"
+
+
+def _seeds_cell(a, r) -> dict:
+    got = a.seeds_needed.get((r["config"], r["metric"])) if r["verdict"] == "inconclusive" else None
+    if not got:
+        return cell("–", "num muted")
+    n, goal, note = got
+    if n is None or n is pd.NA or (isinstance(n, float) and math.isnan(n)):
+        return cell(note or "–", "num muted", f"for {goal}" if goal else "")
+    return cell(f"{int(n)}", "num", f"seeds for a decided '{goal}' verdict at 80% power (alpha / family size)")
+
+
+def _verdict_rows(a, v: pd.DataFrame, fraction: Any) -> tuple[list, list, list]:
     rows, subs, groups = [], [], []
     for _, r in v.iterrows():
-        groups.append(str(r["metric"]))
-        n = f"{r['n']}" if r.get("paired") else f"{r.get('n_cfg', r['n'])} vs {r.get('n_ref', '?')}"
-        n += f" ({r.get('test', '')})" if r.get("test") else ""
+        groups.append(f"{r['metric']}  —  {_margin_text(r, fraction)}")
+        flag = r["config"] in a.warnings
+        rel = (float(r["diff"]) / abs(float(r["mean_ref"]))) if _isnum(r.get("mean_ref")) and r["mean_ref"] else math.nan
         rows.append([
-            cell(r["config"], "cfg"), cell(r["verdict"], "verdict " + _verdict_class(r["verdict"])),
-            cell(n, "nowrap"), cell(num(r.get("mean_ref")), "num", f"mean config = {num(r.get('mean_cfg'))}"),
-            cell(signed(r.get("diff")), "num"), cell(pct(r.get("rel_diff")), "num"),
-            cell(f"[{signed(r.get('ci_low'))}, {signed(r.get('ci_high'))}]", "num"),
-            cell(pval(r.get("p_holm")), "num", f"unadjusted p = {pval(r.get('p'))}"),
-            cell(pval(r.get("tost_p_holm")), "num", f"unadjusted TOST p = {pval(r.get('tost_p'))}"),
-            cell(num(r.get("margin")), "num"), cell(signed(r.get("hedges_g"), 3), "num"),
+            cell(("⚠ " if flag else "") + str(r["config"]), "cfg flag" if flag else "cfg",
+                 "its runs recorded warnings: see the banner above" if flag else ""),
+            cell(r["verdict"], "verdict " + _verdict_class(r["verdict"])),
+            cell(r["n"], "num"),
+            cell(signed(r.get("diff")), "num", f"mean of the reference = {num(r.get('mean_ref'))}"),
+            cell(pct(rel), "num"),
+            cell(_ci(r.get("ci90_low"), r.get("ci90_high")), "num"),
+            cell(_ci(r.get("ci95_low"), r.get("ci95_high")), "num"),
+            cell(pval(r.get("p_adj")), "num", f"unadjusted p = {pval(r.get('p'))}"),
+            cell(pval(r.get("tost_p_adj")), "num", f"unadjusted TOST p = {pval(r.get('tost_p'))}"),
+            cell(f"±{num(r.get('margin'))}", "num", MARGIN_SOURCES.get(str(r.get("margin_source")), "")),
+            _seeds_cell(a, r),
         ])
-        subs.append(r.get("note", "") or "")
+        note = str(r.get("note", "") or "")
+        if flag:
+            note = "pairing by seed may not hold (run warnings)" + ("; " + note if note else "")
+        subs.append(note)
+    return rows, subs, groups
+
+
+def _verdict_table(a, role: str, fraction: Any = None) -> dict | None:
+    v = a.verdicts
+    if v is None or v.empty or "role" not in v.columns:
+        return None
+    v = v[v["role"] == role]
+    if v.empty:
+        return None
+    cols = [col("config"), col("verdict"), col("n", True, "paired seeds"),
+            col("diff", True, "mean over seeds of config − reference, paired by seed"),
+            col("% of ref", True, "diff / |mean of the reference|"),
+            col("90% CI", True, "t interval of the mean difference; the one TOST uses: inside ±margin = equivalent"),
+            col("95% CI", True, "t interval of the mean difference; ±∞ when n is too small for a zero-variance difference"),
+            col("p (Holm)", True, "paired t test, Holm-adjusted within this family"),
+            col("TOST p (Holm)", True, "equivalence at ±margin, Holm-adjusted within this family"),
+            col("margin ±", True), col("seeds needed", True, "inconclusive rows: seeds for a decided verdict at 80% power")]
+    rows, subs, groups = _verdict_rows(a, v, fraction)
+    if role != "primary":  # planning is for the confirmatory question
+        cols, rows = cols[:-1], [r[:-1] for r in rows]
     return table(cols, rows, subs=subs, groups=groups)
+
+
+def _checks_table(a) -> dict | None:
+    v = a.verdicts
+    if v is None or v.empty or "role" not in v.columns:
+        return None
+    v = v[v["role"] == "check"]
+    if v.empty:
+        return None
+    rows = []
+    for metric, g in v.groupby("metric", sort=False):
+        yes = [c for c, x in zip(g["config"], g["verdict"]) if str(x).endswith("yes")]
+        no = [c for c in g["config"] if c not in yes]
+        txt = "yes" if not no else "no: " + ", ".join(map(str, no))
+        rows.append([cell(metric, "cfg"), cell(txt, "ok" if not no else "bad"), cell(num(g["mean_ref"].iloc[0]), "num")])
+    return table([col("metric"), col("same data on every run?", False, "data-only metrics: checked, never tested"),
+                  col("reference mean", True)], rows)
 
 
 def _bitwise_table(data: StudyData, a) -> dict | None:
@@ -471,6 +580,19 @@ def _machines_table(data: StudyData, a) -> dict | None:
     return table(cols, rows)
 
 
+def _headline_fact(metric: str, r) -> str:
+    mean = float(r["mean_ref"]) if _isnum(r.get("mean_ref")) else math.nan
+    rel = float(r["diff"]) / abs(mean) if mean else math.nan
+    rel_m = float(r["margin"]) / abs(mean) if mean else math.nan
+    if r["verdict"] == "identical":
+        return f"{metric}: bitwise identical to the reference in every seed"
+    if r["verdict"] == "equivalent":
+        return f"{metric}: equivalent (difference {pct(rel)}, margin ±{pct(rel_m)[1:]})"
+    if r["verdict"] == "differs":
+        return f"{metric}: differs by {pct(rel)} ({p_eq(r['p_adj'])}, Holm-adjusted)"
+    return f"{metric}: {r['verdict']} ({pct(rel)}, {p_eq(r['p_adj'])})"
+
+
 def _key_facts(data: StudyData, a) -> list[dict]:
     """One line per config: verdict on the headline metric, bits, weight distance, failures."""
     out = []
@@ -486,13 +608,10 @@ def _key_facts(data: StudyData, a) -> list[dict]:
             if len(r):
                 r = r.iloc[0]
                 cls = _verdict_class(r["verdict"])
-                rel_m = (r["margin"] / abs(r["mean_ref"])) if r["mean_ref"] else math.nan
-                if r["verdict"] == "equivalent":
-                    items.append(f"{a.headline}: equivalent (difference {pct(r['rel_diff'])}, margin ±{pct(rel_m)[1:]})")
-                elif r["verdict"] == "differs":
-                    items.append(f"{a.headline}: differs by {pct(r['rel_diff'])} ({p_eq(r['p_holm'])}, Holm-adjusted)")
-                else:
-                    items.append(f"{a.headline}: inconclusive ({pct(r['rel_diff'])}, {p_eq(r['p_holm'])})")
+                items.append(_headline_fact(a.headline, r))
+        if cfg in a.warnings:
+            items.append("its runs recorded warnings (see above): the pairing by seed may not hold")
+            cls = "warn" if cls != "bad" else cls
         if bits is not None and cfg in bits.index:
             b = bits.loc[cfg]
             if b["matches_reference"] != "n/a":
@@ -579,6 +698,109 @@ def _grids_view(a, figs) -> dict | None:
     return {"seed": a.grids.get("seed"), "entries": entries, "stack": wide}
 
 
+def _warnings_view(data: StudyData, a) -> list[dict]:
+    """One banner per config whose runs recorded warnings (e.g. random draws on the device:
+    configs on other devices are not paired by seed)."""
+    out = []
+    for cfg in [c for c in data.order if c in a.warnings] + sorted(set(a.warnings) - set(data.order)):
+        runs = data.runs[data.runs["config"] == cfg]
+        n = sum(1 for e in runs["effective"] if isinstance(e, dict) and e.get("warnings"))
+        out.append({"config": cfg, "warnings": a.warnings[cfg], "runs": f"{n} of {len(runs)} runs"})
+    return out
+
+
+def _looks_view(a) -> dict | None:
+    """``run --until-decided``: how many looks were taken, with the seeds and decisions of each."""
+    lk = a.looks
+    if not lk:
+        return None
+    seeds = [str(x["seeds"]) for x in lk["looks"] if x.get("seeds") is not None]
+    line = f"{lk['n_looks']} look{'s' if lk['n_looks'] != 1 else ''} taken"
+    if lk.get("planned"):
+        line += f" of at most {lk['planned']}"
+    if seeds:
+        line += f", at {', '.join(seeds)} seeds"
+    if lk.get("max_seeds"):
+        line += f" (at most {lk['max_seeds']} seeds)"
+    configs = list(dict.fromkeys(c for x in lk["looks"] for c in x["decisions"]))
+    rows = [[cell(x["look"], "num"), cell("–" if x.get("seeds") is None else x["seeds"], "num")]
+            + [cell(x["decisions"].get(c, ""), _verdict_class(x["decisions"].get(c, ""))) for c in configs]
+            for x in lk["looks"]]
+    t = table([col("look", True), col("seeds", True)] + [col(c) for c in configs], rows) if configs else None
+    return {"line": line + ".", "table": t}
+
+
+def _churn_table(p) -> dict | None:
+    c = p.churn
+    if c is None or c.empty:
+        return None
+    cls = {"more": "bad", "less": "ok", "inconclusive": "warn"}
+    rows, subs = [], []
+    for _, r in c.iterrows():
+        rows.append([cell(r["config"], "cfg"), cell(r["verdict"], "verdict " + cls.get(r["verdict"], "")),
+                     cell(r["n"], "num"), cell(share(r["churn_mean"]), "num", f"min {share(r['churn_min'])}, max {share(r['churn_max'])}"),
+                     cell(share(r["floor_mean"]), "num", f"{r['n_floor_pairs']} reference seed pairs"),
+                     cell(num(r["ratio"], 3), "num"), cell(pval(r["p_more_holm"]), "num"), cell(pval(r["p_less_holm"]), "num")])
+        subs.append(str(r.get("note", "") or ""))
+    return table([col("config"), col("verdict", False, "more / less than a seed change, or inconclusive"),
+                  col("n", True, "paired seeds"), col("churn", True, "mean over seeds, vs the reference at the same seed"),
+                  col("seed churn", True, "the reference vs itself at another seed"), col("ratio", True),
+                  col("p more (Holm)", True, "one-sided sign-flip test: churn above the seed floor"),
+                  col("p less (Holm)", True, "one-sided sign-flip test: churn below the seed floor")], rows, subs=subs)
+
+
+def _per_class_rows(p) -> dict | None:
+    pc = p.per_class
+    if pc is None or pc.empty:
+        return None
+    hit = pc[pc["verdict"] == "differs"]
+    rows = [[cell(r["config"], "cfg"), cell(r["class"], "num"), cell(r["n"], "num"), cell(share(r["mean_ref"]), "num"),
+             cell(signed(100 * r["diff"], 3) + " pp", "num"), cell(pval(r["p_holm"]), "num"), cell(r["note"], "small")]
+            for _, r in hit.iterrows()]
+    return table([col("config"), col("class", True), col("n", True), col("reference accuracy", True),
+                  col("difference", True, "percentage points"), col("p (Holm)", True, "over every config × class"),
+                  col("note")], rows) if rows else None
+
+
+def _disagree_table(p, reference: str, configs: list[str]) -> dict | None:
+    d = p.disagree
+    if d is None or d.empty:
+        return None
+    shown = [c for c in configs if f"pred_{c}" in d.columns]
+    rows = [[cell(int(r["index"]), "num"), cell("–" if r.get("label") is None or pd.isna(r.get("label")) else int(r["label"]), "num"),
+             cell(f"{100 * r['share']:.0f}%", "num")] + [cell("–" if pd.isna(r[f"pred_{c}"]) else int(r[f"pred_{c}"]), "num") for c in shown]
+            for _, r in d.iterrows()]
+    return table([col("input #", True), col("true class", True), col("flipped", True, "(config, seed) pairs predicting another class than the reference")]
+                 + [col(c + (" (reference)" if c == reference else ""), True) for c in shown], rows)
+
+
+def _predictions_view(data: StudyData, a, figs: dict) -> dict | None:
+    p = a.predictions
+    if p is None:
+        return None
+    differs = 0 if p.per_class is None or p.per_class.empty else int((p.per_class["verdict"] == "differs").sum())
+    n_cells = 0 if p.per_class is None else len(p.per_class)
+    return {"n_inputs": p.n_inputs, "churn_fig": figs.get("churn"), "churn": _churn_table(p),
+            "heatmap": figs.get("per_class"), "per_class": _per_class_rows(p),
+            "per_class_line": (f"{differs} of {n_cells} config × class cells differ (Holm over the {n_cells})"
+                               if n_cells else ""),
+            "grid": figs.get("disagree"), "image_note": p.image_note,
+            "disagree": _disagree_table(p, data.reference, data.order)}
+
+
+def _efficiency_view(a) -> dict | None:
+    e = a.efficiency
+    if not e:
+        return None
+    res = e.get("result") or {}
+    head = next((res[k] for k in ("efficiency", "ratio", "fraction") if _isnum(res.get(k))), None)
+    facts = [(str(k).replace("_", " "), num(v, 3) if _isnum(v) else _compact(v)) for k, v in res.items()
+             if not isinstance(v, (dict, list)) or len(_compact(v)) < 300]
+    line = (f"Σ(train + eval) / (wall × slots) = {pct(head)[1:] if float(head) >= 0 else pct(head)}"
+            if head is not None else "")
+    return {"line": line, "wall": f"{num(e['wall'], 3)} s", "slots": e["slots"], "source": e["source"], "facts": facts}
+
+
 def study_view(data: StudyData, a, figs: dict, *, show_id: bool = False, store_note: str | None = None) -> dict:
     machines = data.machines
     if len(machines) <= 1:
@@ -612,8 +834,16 @@ def study_view(data: StudyData, a, figs: dict, *, show_id: bool = False, store_n
         "lead": lead,
         "others": others,
         "facts": _key_facts(data, a),
-        "forest": figs.get("forest"),
-        "verdicts": _verdict_table(a),
+        "warnings": _warnings_view(data, a),
+        "forest": figs.get("verdicts_primary"),
+        "forest_secondary": figs.get("verdicts_secondary"),
+        "verdicts": _verdict_table(a, "primary", data.definition.get("margin_fraction")),
+        "verdicts_secondary": _verdict_table(a, "secondary", data.definition.get("margin_fraction")),
+        "checks": _checks_table(a),
+        "primary_metrics": a.of_role("primary"),
+        "looks": _looks_view(a),
+        "predictions": _predictions_view(data, a, figs),
+        "efficiency": _efficiency_view(a),
         "configs": _configs_table(data, a),
         "curves": curves,
         "weights": figs.get("weights"),

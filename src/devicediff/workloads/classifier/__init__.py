@@ -79,6 +79,55 @@ def _subset(idx: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return np.sort(idx[pick])
 
 
+def _check_params(*, arch, optimizer, channels, hidden, blocks, dropout, batch_size, lr, momentum, weight_decay,
+                  train_size, eval_size, eval_split, eval_fraction, image_size, eval_batch_size, data) -> list[int]:
+    """ParamError for the first out-of-range parameter of :class:`Classifier`, checked in this order;
+    returns ``channels`` as a list."""
+    _param(arch in ARCHS, f"arch {arch!r} unknown; use one of {list(ARCHS)}")
+    _param(optimizer in OPTIMIZERS, f"optimizer {optimizer!r} unknown; use one of {list(OPTIMIZERS)}")
+    channels = list(channels)
+    _param(len(channels) >= 1 and all(isinstance(c, int) and c >= 1 for c in channels),
+           f"channels must be a non-empty list of integers >= 1, got {channels}")
+    _param(hidden >= 1, f"hidden must be >= 1, got {hidden}")
+    _param(blocks >= 1, f"blocks must be >= 1, got {blocks}")
+    _param(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
+    _param(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+    _param(lr > 0, f"lr must be > 0, got {lr}")
+    _param(0.0 <= momentum < 1.0, f"momentum must be in [0, 1), got {momentum}")
+    _param(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+    _param(train_size is None or train_size >= 1, f"train_size must be >= 1 (or unset for all), got {train_size}")
+    _param(eval_size is None or eval_size >= 1, f"eval_size must be >= 1 (or unset for all), got {eval_size}")
+    _param(eval_split in ("valid", "test"), f"eval_split {eval_split!r} unknown; use 'valid' or 'test'")
+    _param(0.0 < eval_fraction < 1.0, f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    _param(image_size is None or image_size >= 1, f"image_size must be >= 1 (or unset), got {image_size}")
+    _param(eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {eval_batch_size}")
+    _param(isinstance(data, str) and data != "", "data must be 'mnist' or a path to an .npz file or image folder")
+    return channels
+
+
+def _load_mnist_data(train_size: int | None, eval_size: int | None, eval_split: str, mnist_root: str | None):
+    """((x, y, x_eval, y_eval), classes, data info) from MNIST: images as (N, 1, H, W)."""
+    x, y = load_mnist("train", mnist_root)
+    xe, ye = load_mnist(eval_split, mnist_root)
+    x, y, xe, ye = x[:train_size], y[:train_size], xe[:eval_size], ye[:eval_size]
+    x, xe = x[:, None], xe[:, None]
+    info = {"train": "MNIST train (first 50k of the 60k)", "held_out": f"MNIST {eval_split}"}
+    return (x, y, xe, ye), [str(k) for k in range(10)], info
+
+
+def _load_image_data(data: str, image_size: int | None, eval_fraction: float, split_seed: int,
+                     train_size: int | None, eval_size: int | None):
+    """((x, y, x_eval, y_eval), classes, data info) from a user's labelled images, split
+    deterministically by ``split_seed`` and cut to ``train_size`` / ``eval_size``."""
+    imgs = load_labelled_images(data, image_size)
+    tr, te = split(imgs.y, eval_fraction, split_seed)
+    if len(te) == 0:
+        raise DataError(f"data {data!r}: no held-out images; every class needs at least 2 images")
+    tr, te = _subset(tr, train_size, split_seed), _subset(te, eval_size, split_seed + 1)
+    info = dict(imgs.info, eval_fraction=float(eval_fraction), split_seed=int(split_seed))
+    return (imgs.x[tr], imgs.y[tr], imgs.x[te], imgs.y[te]), imgs.classes, info
+
+
 class Classifier(Workload):
     name = "classifier"
     primary_metrics = ("eval_accuracy",)
@@ -106,25 +155,11 @@ class Classifier(Workload):
         eval_batch_size: int = 1000,
         mnist_root: str | None = None,
     ):
-        _param(arch in ARCHS, f"arch {arch!r} unknown; use one of {list(ARCHS)}")
-        _param(optimizer in OPTIMIZERS, f"optimizer {optimizer!r} unknown; use one of {list(OPTIMIZERS)}")
-        channels = list(channels)
-        _param(len(channels) >= 1 and all(isinstance(c, int) and c >= 1 for c in channels),
-               f"channels must be a non-empty list of integers >= 1, got {channels}")
-        _param(hidden >= 1, f"hidden must be >= 1, got {hidden}")
-        _param(blocks >= 1, f"blocks must be >= 1, got {blocks}")
-        _param(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
-        _param(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
-        _param(lr > 0, f"lr must be > 0, got {lr}")
-        _param(0.0 <= momentum < 1.0, f"momentum must be in [0, 1), got {momentum}")
-        _param(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
-        _param(train_size is None or train_size >= 1, f"train_size must be >= 1 (or unset for all), got {train_size}")
-        _param(eval_size is None or eval_size >= 1, f"eval_size must be >= 1 (or unset for all), got {eval_size}")
-        _param(eval_split in ("valid", "test"), f"eval_split {eval_split!r} unknown; use 'valid' or 'test'")
-        _param(0.0 < eval_fraction < 1.0, f"eval_fraction must be in (0, 1), got {eval_fraction}")
-        _param(image_size is None or image_size >= 1, f"image_size must be >= 1 (or unset), got {image_size}")
-        _param(eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {eval_batch_size}")
-        _param(isinstance(data, str) and data != "", "data must be 'mnist' or a path to an .npz file or image folder")
+        channels = _check_params(
+            arch=arch, optimizer=optimizer, channels=channels, hidden=hidden, blocks=blocks, dropout=dropout,
+            batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, train_size=train_size,
+            eval_size=eval_size, eval_split=eval_split, eval_fraction=eval_fraction, image_size=image_size,
+            eval_batch_size=eval_batch_size, data=data)
 
         self.arch, self.data, self.channels = arch, str(data), channels
         self.hidden, self.blocks, self.dropout = int(hidden), int(blocks), float(dropout)
@@ -134,36 +169,30 @@ class Classifier(Workload):
         self.data_info: dict[str, Any] = {"source": self.data}
 
         if self.data == "mnist":
-            x, y = load_mnist("train", mnist_root)
-            xe, ye = load_mnist(eval_split, mnist_root)
-            x, y, xe, ye = x[:train_size], y[:train_size], xe[:eval_size], ye[:eval_size]
-            x, xe = x[:, None], xe[:, None]
-            self.classes = [str(k) for k in range(10)]
-            self.data_info.update(train="MNIST train (first 50k of the 60k)", held_out=f"MNIST {eval_split}")
+            (x, y, xe, ye), self.classes, info = _load_mnist_data(train_size, eval_size, eval_split, mnist_root)
         else:
             if image_size is not None and (self.arch == "cnn" and image_size < 2 ** len(channels)):
                 raise ParamError(f"classifier.image_size {image_size} is too small for {len(channels)} pooling stages")
-            imgs = load_labelled_images(self.data, image_size)
-            tr, te = split(imgs.y, eval_fraction, split_seed)
-            if len(te) == 0:
-                raise DataError(f"data {self.data!r}: no held-out images; every class needs at least 2 images")
-            tr, te = _subset(tr, train_size, split_seed), _subset(te, eval_size, split_seed + 1)
-            x, y, xe, ye = imgs.x[tr], imgs.y[tr], imgs.x[te], imgs.y[te]
-            self.classes = imgs.classes
-            self.data_info.update(imgs.info, eval_fraction=float(eval_fraction), split_seed=int(split_seed))
+            (x, y, xe, ye), self.classes, info = _load_image_data(self.data, image_size, eval_fraction, split_seed,
+                                                                  train_size, eval_size)
+        self.data_info.update(info)
         self.eval_split = eval_split if self.data == "mnist" else None
         self.train_x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         self.train_y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
         self.eval_x = torch.from_numpy(np.ascontiguousarray(xe, dtype=np.float32))
         self.eval_y = np.ascontiguousarray(ye, dtype=np.int64)
         _, self.in_channels, self.height, self.width = self.train_x.shape
+        self._check_data_fits()
+        self.feature_dim = self.hidden if self.arch == "cnn" else self.channels[-1]
+
+    def _check_data_fits(self) -> None:
+        """DataError unless the training set fills a batch and the images survive the CNN's pooling."""
         if len(self.train_x) < self.batch_size:
             raise DataError(f"classifier: {len(self.train_x)} training images, fewer than batch_size {self.batch_size}; "
                             "lower batch_size or give more data")
-        if self.arch == "cnn" and min(self.height, self.width) < 2 ** len(channels):
-            raise DataError(f"classifier: {self.height}x{self.width} images are too small for {len(channels)} "
+        if self.arch == "cnn" and min(self.height, self.width) < 2 ** len(self.channels):
+            raise DataError(f"classifier: {self.height}x{self.width} images are too small for {len(self.channels)} "
                             "pooling stages; use fewer channels entries or set image_size")
-        self.feature_dim = self.hidden if self.arch == "cnn" else self.channels[-1]
 
     @property
     def num_classes(self) -> int:
