@@ -52,7 +52,7 @@ def cmd_run(args) -> int:
     if args.only:
         for name in args.only:
             study.config(name)  # unknown name: StudyError
-    pythons = preflight(study, args.only)
+    pythons = preflight(study, args.only, wheelhouse=args.wheelhouse)
     if args.executor == "ray" and args.jobs != 1:
         print(f"devicediff: note: --jobs {args.jobs} is for the local executor and is ignored with --executor ray, "
               "which runs as many runs at once as the cluster's CPUs and GPUs hold", file=sys.stderr)
@@ -61,8 +61,16 @@ def cmd_run(args) -> int:
     console = wide_console()
     progress = Progress(enabled=not args.quiet, jobs=args.jobs)
     try:
-        run_study(study, store, store_path=args.store, executor=executor, retry_failed=args.retry_failed,
-                  progress=progress, only_configs=args.only, pythons=pythons)
+        if args.until_decided:
+            from devicediff.decide import look_line, run_until_decided
+
+            run_until_decided(study, store, max_seeds=args.max_seeds, batch=args.batch, executor=executor,
+                              progress=progress, store_path=args.store, retry_failed=args.retry_failed,
+                              only_configs=args.only, pythons=pythons,
+                              on_look=lambda p: console.print(look_line(p), highlight=False))
+        else:
+            run_study(study, store, store_path=args.store, executor=executor, retry_failed=args.retry_failed,
+                      progress=progress, only_configs=args.only, pythons=pythons)
         print_study(console, study, store)
         store_arg = "" if args.store == "devicediff.db" else f" --store {args.store}"
         console.print(f"runs stored in {args.store}; next: devicediff report{store_arg} --out report/", highlight=False)
@@ -103,7 +111,26 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from devicediff.tables import print_plan
+
+    study = load_study(args.study) if args.study.endswith(".toml") else args.study
+    store = _store(args, create=False, readonly=True)
+    try:
+        print_plan(wide_console(), study, store)
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_env(args) -> int:
+    if args.action == "build":
+        if not args.study:
+            raise UsageError("env build: give a study, e.g. devicediff env build upgrade-check")
+        from devicediff.frameworks.envs import build_environments
+
+        build_environments(load_study(args.study), wheelhouse=args.wheelhouse)
+        return 0
     from devicediff.fingerprint import fingerprint, host_facts, machine_id
 
     try:
@@ -284,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a workload parameter")
     r.add_argument("--only", action="append", metavar="CONFIG", help="run only these configs (repeatable)")
     r.add_argument("--retry-failed", action="store_true", help="run failed and skipped runs again")
+    r.add_argument("--until-decided", action="store_true",
+                   help="add seeds in batches until every config's primary verdict is decided (group-sequential)")
+    r.add_argument("--max-seeds", type=positive_int, default=30, help="with --until-decided: at most this many seeds")
+    r.add_argument("--batch", type=positive_int, default=3, help="with --until-decided: seeds added per look")
+    r.add_argument("--wheelhouse", metavar="DIR", help="build package environments (packages = [...]) from these wheels only")
     r.add_argument("--name", default=None, help="store the study under this name (e.g. a variant of a preset)")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     r.set_defaults(func=cmd_run)
@@ -292,8 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--per-seed", action="store_true", help="also a config x seed table of the primary metric")
     st.set_defaults(func=cmd_status)
 
-    e = sub.add_parser("env", help="this machine's environment fingerprint")
+    pl = with_store(sub.add_parser("plan", help="seeds each config needs for a decided primary verdict, from a pilot"))
+    pl.add_argument("study", help="study name or id in the store, or a .toml file")
+    pl.set_defaults(func=cmd_plan)
+
+    e = sub.add_parser("env", help="this machine's environment fingerprint; `env build STUDY` makes a study's environments")
     e.add_argument("--json", action="store_true")
+    e.add_argument("action", nargs="?", choices=["build"], help="build: make every environment STUDY's configs need")
+    e.add_argument("study", nargs="?", help="with build: a study file or preset")
+    e.add_argument("--wheelhouse", metavar="DIR", help="with build: install from these local wheels only")
     e.set_defaults(func=cmd_env)
 
     pr = sub.add_parser("presets", help="list the built-in studies, or print one")

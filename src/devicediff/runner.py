@@ -69,12 +69,17 @@ def build_job(study: Study, cell: Cell, run_id: str, run_dir: Path, *, lockstep:
     )
 
 
-def python_for(config: ExecConfig) -> str:
-    """The interpreter of a config's workers: its own ``python``, else its framework's."""
+def python_for(config: ExecConfig, *, wheelhouse: str | None = None) -> str:
+    """The interpreter of a config's workers: the environment of its ``packages`` (made if
+    needed, from ``wheelhouse`` if given), its own ``python``, else its framework's."""
+    if config.packages:
+        from devicediff.frameworks.envs import python_for_packages
+
+        return python_for_packages(config.packages, wheelhouse=wheelhouse)
     return config.python or frameworks.get(config.framework).python()
 
 
-def preflight(study: Study, configs: list[str] | None = None) -> dict[str, str]:
+def preflight(study: Study, configs: list[str] | None = None, *, wheelhouse: str | None = None) -> dict[str, str]:
     """Everything checked before the store is touched: each config's interpreter (making the
     Chainer environment if needed), that its framework has a version of the workload, and the
     workload built once per distinct parameter set in this process (parameters, ranges, data).
@@ -87,7 +92,7 @@ def preflight(study: Study, configs: list[str] | None = None) -> dict[str, str]:
         if cfg.framework != "torch" and twin(name, cfg.framework) is None:
             raise StudyError(f"configs[{cfg.name!r}].framework: workload {study.workload!r} has no {cfg.framework} "
                              f"version; use framework = \"torch\"")
-        pythons[cfg.name] = python_for(cfg)
+        pythons[cfg.name] = python_for(cfg, wheelhouse=wheelhouse)
         params = frameworks.workload_params({**study.workload_params, **cfg.params})  # every framework's twin takes these
         key = repr(sorted(params.items()))
         if key not in seen:

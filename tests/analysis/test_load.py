@@ -13,10 +13,14 @@ from conftest import ROOT, TINY
 sys.path.insert(0, str(ROOT / "tests" / "store"))
 from study_store import fill, make_study  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests" / "analysis"))
+from verdict_stores import fill_metrics, prednet_like  # noqa: E402
+
 import devicediff  # noqa: E402
 from devicediff.analysis.load import Results, load_results, verdicts  # noqa: E402
 from devicediff.errors import UsageError  # noqa: E402
 from devicediff.store import SQLiteStore  # noqa: E402
+from devicediff.study import parse_study  # noqa: E402
 
 
 @pytest.fixture
@@ -34,9 +38,12 @@ def test_one_loader_gives_runs_metrics_finals_and_verdicts(store):
     assert set(r.metrics["name"]) == {"train_loss", "eval_loss"}
     fin = r.finished.set_index(["config", "seed"])
     assert len(fin) == 5 and fin.loc[("cpu-2t", 1), "final_eval_loss"] == pytest.approx(1.6)
-    assert r.headline == "final_eval_loss" and r.primary == ["final_eval_loss"]
+    assert r.headline == "final_eval_loss" and r.primary == ["final_eval_loss"] and r.primary_source == "workload"
     v = r.verdicts.set_index(["config", "metric"])
-    assert v.loc[("cpu-2t", "final_eval_loss"), "verdict"] == "differs" and v.loc[("cpu-2t", "final_eval_loss"), "n"] == 2
+    row = v.loc[("cpu-2t", "final_eval_loss")]
+    # +0.5 in both paired seeds: no variance, so the exact sign-flip p (2/2^2 = 0.5), not p = 0
+    assert row["verdict"] == "inconclusive" and row["n"] == 2 and row["role"] == "primary"
+    assert "+0.5 in every seed" in row["note"] and row["p"] == pytest.approx(0.5)
     with pytest.raises(Exception):
         r.name = "other"  # frozen
 
@@ -109,11 +116,112 @@ def test_real_runs(tmp_path):
     from devicediff.study import load_study
 
     p = tmp_path / "tiny.toml"
-    p.write_text(TINY.format(name="tiny", seeds=2).replace("train_size = 1000", "train_size = 200")
+    p.write_text(TINY.format(name="tiny", seeds=3).replace("train_size = 1000", "train_size = 200")
                  .replace("eval_size = 500", "eval_size = 100"))
     study = load_study(p)
     with SQLiteStore(tmp_path / "r.db") as s:
         run_study(study, s, store_path=str(tmp_path / "r.db"), executor=LocalExecutor(jobs=1))
         r = load_results(s, study)
-    assert len(r.finished) == 4 and r.finished["final_eval_loss"].notna().all()
+    assert len(r.finished) == 6 and r.finished["final_eval_loss"].notna().all()
     assert r.verdicts is not None and set(r.verdicts["config"]) == {"cpu-2t"}
+    assert r.primary == ["final_eval_loss"] and r.primary_source == "workload"  # Autoencoder.primary_metrics
+    v = r.verdicts.set_index("metric")
+    assert v.loc["final_eval_loss", "role"] == "primary" and v.loc["tail_train_loss", "role"] == "secondary"
+    assert v.loc["final_eval_loss", "n"] == 3
+
+
+# -- roles: primary / secondary / check, through the loader ---------------------------------------
+
+
+def test_roles_come_from_the_workload_declaration(tmp_path):
+    with SQLiteStore(tmp_path / "p.db") as s:
+        prednet_like(s)
+        r = load_results(s, "pn")
+    assert r.primary == ["final_eval_mse"] and r.primary_source == "workload"
+    assert r.checks == ["final_baseline_mse", "final_baseline_ssim"]
+    assert r.verdict_metrics[0] == "final_eval_mse" and r.headline == "final_eval_mse"
+    v = r.verdicts.set_index(["config", "metric"])
+    roles = v.groupby(level="metric")["role"].first().to_dict()
+    assert roles == {"final_eval_mse": "primary", "final_eval_loss": "secondary", "final_eval_ssim": "secondary",
+                     "final_baseline_mse": "check", "final_baseline_ssim": "check"}
+    assert v.loc[("cpu-2t", "final_eval_mse"), "verdict"] == "differs"
+    assert v.loc[("cpu-3t", "final_eval_mse"), "verdict"] == "identical"
+    assert v.loc[("cpu-2t", "final_baseline_mse"), "verdict"] == "same on every run: yes"
+    # the family: 1 testable primary comparison (cpu-3t identical leaves it), eval_loss an affine copy
+    assert v.loc[("cpu-2t", "final_eval_mse"), "in_family"] and not v.loc[("cpu-3t", "final_eval_mse"), "in_family"]
+    assert not v.loc[("cpu-2t", "final_eval_loss"), "in_family"]
+    assert "confirmatory: Holm over 1 comparisons" in v.loc[("cpu-2t", "final_eval_mse"), "note"]
+    # the old column names stay, as aliases, for readers written for the old table
+    for new, old in (("ci95_low", "ci_low"), ("ci95_high", "ci_high"), ("p_adj", "p_holm"),
+                     ("tost_p_adj", "tost_p_holm")):
+        pd.testing.assert_series_equal(r.verdicts[new], r.verdicts[old], check_names=False)
+
+
+def test_a_study_overrides_the_primary_metric_and_its_margin(tmp_path):
+    with SQLiteStore(tmp_path / "p.db") as s:
+        prednet_like(s, primary=["eval_ssim"], margin=0.05)
+        r = load_results(s, "pn")
+    assert r.primary == ["final_eval_ssim"] and r.primary_source == "study"
+    v = r.verdicts.set_index(["config", "metric"])
+    assert v.loc[("cpu-2t", "final_eval_ssim"), "role"] == "primary"
+    assert v.loc[("cpu-2t", "final_eval_mse"), "role"] == "secondary"
+    # the fixed margin is in the primary metric's units; the others keep the seed-sd margin
+    assert v.loc[("cpu-2t", "final_eval_ssim"), "margin"] == 0.05
+    assert v.loc[("cpu-2t", "final_eval_ssim"), "margin_source"] == "fixed"
+    assert v.loc[("cpu-2t", "final_eval_mse"), "margin_source"] == "seed-sd"
+
+
+def test_a_workload_without_a_declaration_falls_back_and_says_so(tmp_path):
+    wl = tmp_path / "mywl.py"
+    wl.write_text("def make(**p):\n    raise RuntimeError('never built here')\n")
+    doc = {"name": "u", "reference": "a", "workload": {"name": f"{wl}:make"}, "seeds": {"count": 3},
+           "budget": {"epochs": 1}, "configs": [{"name": "a"}, {"name": "b", "threads": 2}]}
+    st = parse_study(doc)
+    with SQLiteStore(tmp_path / "u.db") as s:
+        fill_metrics(s, st, lambda c, seed: {"eval_score": 1.0 + seed + (0.1 * seed if c == "b" else 0)})
+        r = load_results(s, "u")
+    assert r.primary == ["final_eval_score"] and r.primary_source == "fallback"
+    assert "declares none" in r.verdict_note
+
+
+def test_declared_metrics_reads_the_source_without_importing_it():
+    import subprocess
+
+    code = ("import sys; from devicediff.analysis.load import declared_metrics as d; "
+            "print(d('autoencoder'), d('prednet'), d('classifier'), d('nope:make')); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}).stdout.splitlines()
+    assert out[0] == ("(('eval_loss',), ()) (('eval_mse',), ('baseline_mse', 'baseline_ssim')) "
+                      "(('eval_accuracy',), ()) None")
+    assert out[1] == "False"
+
+
+def test_per_class_metrics_are_their_own_family(tmp_path):
+    doc = {"name": "c", "reference": "a", "workload": {"name": "classifier"}, "seeds": {"count": 4},
+           "budget": {"epochs": 1}, "configs": [{"name": "a"}, {"name": "b", "threads": 2}]}
+    st = parse_study(doc)
+
+    def metrics(c, seed):
+        out = {"eval_accuracy": 0.9 + 0.01 * seed + (0.001 * (seed % 2) if c == "b" else 0)}
+        out.update({f"eval_acc_class_{k}": 0.8 + 0.01 * k + 0.002 * seed + (0.001 * seed if c == "b" else 0)
+                    for k in range(3)})
+        return out
+
+    with SQLiteStore(tmp_path / "c.db") as s:
+        fill_metrics(s, st, metrics)
+        r = load_results(s, "c")
+    assert r.primary == ["final_eval_accuracy"]
+    assert not any("acc_class" in m for m in r.verdict_metrics)
+    assert not r.verdicts["metric"].str.contains("acc_class").any()
+    assert r.per_class is not None and sorted(r.per_class["class"]) == [0, 1, 2]
+
+
+def test_run_warnings_and_sequential_looks_are_read(tmp_path):
+    with SQLiteStore(tmp_path / "p.db") as s:
+        st = prednet_like(s, seeds=3)
+        rid = s.runs(st.study_id)["run_id"].iloc[0]
+        s.record(rid, {"kind": "effective", "settings": {"warnings": ["dropout masks differ by device"]}})
+        s.put_analysis(st.study_id, "sequential", "max=9|batch=3|look=1", {"look": 1, "seeds": 3, "status": "continue"})
+        r = load_results(s, "pn")
+    assert list(r.warnings["warning"]) == ["dropout masks differ by device"]
+    assert r.sequential is not None and list(r.sequential["look"]) == [1]

@@ -89,3 +89,11 @@ def test_plan_table():
         "equivalent", vr["sd_diff"], margin=vr["margin"], alpha=0.05 / 2)
     assert p.loc["near", "power_equivalent"] == pytest.approx(
         power.power_tost(n, vr["margin"], vr["sd_diff"], 0.0, 0.025))
+
+
+def test_power_of_a_large_effect_at_a_small_alpha_is_not_nan():
+    """scipy's noncentral t returns NaN far in its tail; a clear difference then has power ~1."""
+    from devicediff.analysis.power import power_difference
+
+    for effect in (5.0, 18.3):
+        assert power_difference(effect, 5, 0.05 / 3) > 0.99

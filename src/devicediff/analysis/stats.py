@@ -82,6 +82,11 @@ COLUMNS = [
 # small numeric helpers (all careful with zero variance: bitwise-identical configs are common here)
 
 
+
+def seeds_phrase(n: int) -> str:
+    """"in its one seed", "in both seeds", "in all 5 seeds"."""
+    return "in its one seed" if n == 1 else "in both seeds" if n == 2 else f"in all {n} seeds"
+
 def _arr(x, name: str = "x") -> np.ndarray:
     a = np.asarray(x, dtype=float).ravel()
     if not np.all(np.isfinite(a)):
@@ -1211,7 +1216,7 @@ def _fill_verdict_row(r: dict, s: pd.Series, ref: pd.Series, ref_ok: pd.Series, 
           and np.array_equal(s.to_numpy(), ref.to_numpy(), equal_nan=True)):
         r.update(diff=0.0, ci95_low=0.0, ci95_high=0.0, ci90_low=0.0, ci90_high=0.0,
                  sd_diff=0.0, verdict="identical")
-        notes.append(f"bitwise identical to {r['reference']} in all {d.size} seeds: not tested, "
+        notes.append(f"bitwise identical to {r['reference']} {seeds_phrase(d.size)}: not tested, "
                      "left out of the family")
     elif d.size < 2:
         r["verdict"] = "inconclusive"

@@ -4,7 +4,12 @@
 parameters, :func:`devicediff.store.identity.definition_hash`) tell apart two studies that share
 a name, so rows never collide on (study, config, seed); ``final_<metric>`` is the last value of
 each evaluation metric of the run (every metric but the training loss). ``metrics``: every
-recorded ``(run_id, step, name, value)``.
+recorded ``(run_id, step, name, value)``. ``verdicts``: every study's verdicts
+(:func:`devicediff.analysis.load.verdicts`, the function ``status``, ``run``'s table and the report
+read), columns ``VERDICT_EXPORT``: ``diff = config - reference``, t-based 95% and 90% intervals
+(the 90% one is what TOST uses), ``p`` (paired t), ``p_adj`` and ``tost_p_adj`` (Holm within the
+row's family: primary or secondary), ``role`` (primary / secondary / check), ``margin`` (absolute,
+with ``margin_pct`` of the reference mean and ``margin_source`` "fixed" or "seed-sd").
 
 Everything is read before anything is written; the files are written under a temporary name and
 renamed. An ``--out`` that is a file, or a folder that cannot be made, is one ``UsageError`` line
@@ -20,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from devicediff.analysis.frames import per_run
+from devicediff.analysis.load import verdicts as study_verdicts
 from devicediff.errors import UsageError
 from devicediff.store import Store
 from devicediff.store.identity import definition_hash
@@ -29,6 +35,9 @@ RUN_EXPORT = ["run_id", "study_id", "study", "definition_hash", "workload", "wor
               "wall_time", "train_time"]
 JSON_EXPORT = ["config_json", "fingerprint", "effective", "threads_used"]
 TRAIN_METRICS = {"train_loss"}
+VERDICT_EXPORT = ["study", "study_id", "config", "machine", "metric", "role", "n", "diff", "ci95_low", "ci95_high",
+                  "ci90_low", "ci90_high", "p", "p_adj", "tost_p_adj", "margin", "verdict", "margin_pct",
+                  "margin_source", "reference", "note"]
 
 
 def _json(v) -> str | None:
@@ -57,8 +66,17 @@ def run_table(store: Store) -> pd.DataFrame:
     return runs[RUN_EXPORT + finals + JSON_EXPORT]
 
 
+def verdict_table(store: Store) -> pd.DataFrame:
+    """The ``verdicts`` table as exported: every study's verdicts, columns ``VERDICT_EXPORT``."""
+    v = study_verdicts(store)
+    for c in VERDICT_EXPORT:
+        if c not in v.columns:
+            v[c] = pd.Series(dtype=object)
+    return v[VERDICT_EXPORT]
+
+
 def export(store: Store, out: Path, *, fmt: str = "csv") -> list[Path]:
-    """Write ``out/runs.<fmt>`` and ``out/metrics.<fmt>``; return their paths."""
+    """Write ``out/runs.<fmt>``, ``out/metrics.<fmt>`` and ``out/verdicts.<fmt>``; return their paths."""
     out = Path(out)
     if fmt not in ("csv", "parquet"):
         raise UsageError(f"--format {fmt!r} unknown; use csv or parquet")
@@ -69,7 +87,8 @@ def export(store: Store, out: Path, *, fmt: str = "csv") -> list[Path]:
             raise UsageError("--format parquet needs pyarrow; run `pip install pyarrow` or use --format csv") from None
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder; give a folder path (the tables are written into it)")
-    tables = (("runs", run_table(store)), ("metrics", store.metrics()[["run_id", "step", "name", "value"]]))
+    tables = (("runs", run_table(store)), ("metrics", store.metrics()[["run_id", "step", "name", "value"]]),
+              ("verdicts", verdict_table(store)))
 
     made = _make_folder(out)
     paths, tmps = [], []

@@ -18,6 +18,7 @@ import jinja2
 import pandas as pd
 
 from devicediff.analysis.frames import short_ids
+from devicediff.analysis.stats import seeds_phrase
 from devicediff.report.data import StudyData
 
 # fingerprint facts shown, in order; anything else (and never a host or user name) is left out
@@ -617,9 +618,9 @@ def _key_facts(data: StudyData, a) -> list[dict]:
             if b["matches_reference"] != "n/a":
                 k, n = str(b["matches_reference"]).split("/")
                 if k == n and n != "0":
-                    items.append(f"final weights bitwise identical to the reference's in all {n} seeds")
+                    items.append(f"final weights bitwise identical to the reference's {seeds_phrase(int(n))}")
                 elif k == "0":
-                    items.append(f"final weights differ in bits from the reference's in all {n} seeds")
+                    items.append(f"final weights differ in bits from the reference's {seeds_phrase(int(n))}")
                 else:
                     items.append(f"final weights bitwise identical to the reference's in {k} of {n} seeds")
         if wd is not None and len(wd):
