@@ -10,6 +10,7 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
+from devicediff.errors import ParamError
 from devicediff.spec import Batch, epoch_order
 
 
@@ -41,6 +42,9 @@ class ChainerAutoencoder:
     def __init__(self, params: Mapping[str, Any], described: Mapping[str, Any], mnist_path: str | None):
         from devicediff.data.mnist import load_mnist
 
+        if float(described.get("dropout", 0.0)) > 0:
+            raise ParamError(f"autoencoder.dropout = {described['dropout']}: the Chainer twin has no dropout (its "
+                             "masks would come from another generator); use dropout = 0 in Chainer configs")
         self.sizes = [int(s) for s in described["sizes"]]
         self.batch_size = int(described["batch_size"])
         self.lr = float(described["lr"])

@@ -24,18 +24,27 @@ FAULTS = ("none", "drop_bias")  # planted faults (per-config params) that `devic
 
 
 class AutoEncoder(nn.Module):
-    def __init__(self, sizes: list[int], fault: str = "none"):
+    """``dropout > 0`` adds an ``nn.Dropout`` after each hidden layer's ReLU (``drops.0``, ...):
+    a model that draws random numbers during training (docs/randomness.md). With the default 0
+    no dropout module exists, so the model and its bits are what they were without the option."""
+
+    def __init__(self, sizes: list[int], fault: str = "none", dropout: float = 0.0):
         super().__init__()
         dims = [784, *sizes, *reversed(sizes[:-1]), 784]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.fault = fault
+        if dropout > 0:
+            self.drops = nn.ModuleList(nn.Dropout(dropout) for _ in self.layers[:-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.reshape(x.shape[0], 784)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             # Planted fault for testing `devicediff diverge`: layers.1 silently drops its bias.
             h = torch.nn.functional.linear(h, layer.weight) if self.fault == "drop_bias" and i == 1 else layer(h)
-            h = torch.sigmoid(h) if i == len(self.layers) - 1 else torch.relu(h)
+            h = torch.sigmoid(h) if i == last else torch.relu(h)
+            if i < last and hasattr(self, "drops"):
+                h = self.drops[i](h)
         return h
 
 
@@ -65,7 +74,11 @@ class Autoencoder(Workload):
         eval_split: str = "valid",
         mnist_root: str | None = None,
         fault: str = "none",
+        dropout: float = 0.0,
     ):
+        if not 0.0 <= dropout < 1.0:
+            raise ParamError(f"autoencoder.dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         if fault not in FAULTS:
             raise ParamError(f"autoencoder.fault {fault!r} unknown; use one of {list(FAULTS)}")
         self.fault = fault
@@ -87,10 +100,10 @@ class Autoencoder(Workload):
     def describe(self) -> dict[str, Any]:
         return {"sizes": self.sizes, "batch_size": self.batch_size, "lr": self.lr,
                 "train_size": len(self.train_x), "eval_split": self.eval_split, "eval_size": len(self.eval_x),
-                "fault": self.fault}
+                "fault": self.fault, "dropout": self.dropout}
 
     def build_model(self, init_seed: int) -> nn.Module:
-        model = AutoEncoder(self.sizes, self.fault)
+        model = AutoEncoder(self.sizes, self.fault, self.dropout)
         init_linear(model, init_seed)
         return model
 
