@@ -111,3 +111,19 @@ def test_assemble_step_orders_references_and_keeps_only_differing_repeats():
     same, varied = fmt.assemble_step(3, own, ref, dict(own))
     assert not varied and not any(k.startswith(("rep/", "free/")) for k in same) and int(same["meta/repeat"]) == 1
     assert int(fmt.assemble_step(4, own, ref)[0]["meta/repeat"]) == 0
+
+
+def test_assemble_step_keeps_carried_kinds_and_the_rounding_model():
+    own = {"fwd/a": np.ones(2, np.float32), "buffer/bn.running_mean": np.zeros(3, np.float32),
+           "optim/w.exp_avg": np.ones(2, np.float32)}
+    ref = {"ref64/fwd/a": np.ones(2), "ref64/buffer/bn.running_mean": np.zeros(3)}
+    local = {"local/fwd/a": np.array([0.0, 1e-7, 2.0])}
+    arrays, varied = fmt.assemble_step(2, own, ref, None, free_loss=np.float32(1.0),
+                                       free_weights={"w": np.ones(2, np.float32),
+                                                     "optim/w.exp_avg": np.ones(2, np.float32)}, local=local)
+    assert not varied
+    assert arrays["free/weight/w"].shape == (2,) and "free/optim/w.exp_avg" in arrays
+    assert arrays["local/fwd/a"][1] == 1e-7
+    assert fmt.split_key("local/grad/x.y") == ("local", "grad", "x.y")
+    assert {k for k, _, _ in fmt.iter_kind(arrays)} == {"fwd", "buffer", "optim"}
+    assert set(fmt.CARRIED) == {"weight", "buffer", "optim", "scaler", "carry"}

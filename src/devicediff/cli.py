@@ -22,10 +22,11 @@ from devicediff.console import wide_console
 from devicediff.errors import DevicediffError, StudyError, UsageError  # noqa: F401 - UsageError re-exported
 from devicediff.study import load_study, parse_overrides, preset_names, preset_text
 
-# Exit codes (docs/cli.md): 0 every run finished (or was skipped for want of a device); 1 diverge
-# found a difference beyond rounding; 2 a usage error (nothing written); 3 some run failed or
-# went NaN; 130 interrupted (Ctrl-C: unfinished runs are marked interrupted and resume).
-EXIT_BEYOND, EXIT_USAGE, EXIT_FAILED_RUNS, EXIT_INTERRUPTED = 1, 2, 3, 130
+# Exit codes (README): 0 every run finished (or was skipped for want of a device); 1 diverge found a
+# difference beyond rounding, 4 a side outside its own rounding bound (suspect), 5 differing random
+# draws (diverge.EXIT_CODES); 2 a usage error (nothing written); 3 some run failed or went NaN;
+# 130 interrupted (Ctrl-C: unfinished runs are marked interrupted and resume).
+EXIT_USAGE, EXIT_FAILED_RUNS, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def _store(args, *, create: bool = True, readonly: bool = False):
@@ -202,8 +203,8 @@ def cmd_report(args) -> int:
 
 def cmd_diverge(args) -> int:
     """Print the tables and the summary line, store the payload; exit 0 (identical or rounding),
-    1 (beyond rounding) or 2 (a side could not run: ``DivergeError``)."""
-    from devicediff.diverge import BEYOND, diverge, print_divergence
+    1 (beyond rounding), 4 (suspect), 5 (random) or 2 (a side could not run: ``DivergeError``)."""
+    from devicediff.diverge import EXIT_CODES, diverge, print_divergence
 
     study = load_study(args.study, overrides=parse_overrides(args.set) or None)
     study.config(args.a)  # unknown names fail here, before anything runs
@@ -217,7 +218,7 @@ def cmd_diverge(args) -> int:
     finally:
         store.close()
     print_divergence(console, payload)
-    return EXIT_BEYOND if payload["summary"]["verdict"] == BEYOND else 0
+    return EXIT_CODES[payload["summary"]["verdict"]]
 
 
 @contextmanager

@@ -19,7 +19,9 @@ Record kinds (every record has ``"kind"``):
 ``weights``    ``step``, ``sha256``, optional ``path`` of a saved snapshot (.npy)
 ``artifact``   ``name``, ``path``
 ``progress``   ``step``, ``total``
-``lockstep``   ``step``, ``path`` of the step's tensor file (``devicediff.stepfiles``), ``total``, ``timing``
+``lockstep``   ``step``, ``path`` of the step's tensor file (``devicediff.stepfiles``), ``total``, ``timing``,
+               ``sha256`` (state after the step), ``parity``, ``random``, ``random_modules``,
+               ``random_devices``, ``random_generators``
 ``done``       ``state`` (finished/failed/skipped), ``error``, ``final_sha256``,
                ``wall_time``, ``threads_used``
 =============  =================================================================

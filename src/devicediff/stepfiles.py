@@ -20,15 +20,32 @@ Keys are ``"{kind}/{name}"``:
 ``grad/NAME``     gradient of parameter NAME (``named_parameters()``); absent when
                   the parameter got no gradient
 ``weight/NAME``   parameter NAME after the optimizer step
+``buffer/NAME``   buffer NAME after the step (``named_buffers()``: BatchNorm running
+                  statistics, ``num_batches_tracked``), everything a module carries
+                  to the next step that is not a parameter
+``optim/NAME.KEY`` optimizer state KEY of parameter NAME after the step (Adam's
+                  ``exp_avg``, ``exp_avg_sq``, ``step``)
+``scaler/KEY``    gradient-scaler state after the step (fp16: ``scale``, ``growth_tracker``)
+``carry/ATTR[.I]`` recurrent state the workload carries to the next batch (tensors in
+                  its attributes, e.g. PredNet's ``_state``; ``.I`` the I-th tensor,
+                  depth first)
 
 each of them also as ``ref64/{kind}/{name}``: the same step computed in float64
 on the CPU from the same state and batch (the rounding reference). Optional:
 
+``local/{kind}/{name}`` the side's own rounding model for that tensor: float64
+                        ``[error, bound, scale]``, ``error`` = ‖X − replay‖ (the op
+                        that produced X replayed in float64 on the side's own inputs),
+                        ``bound`` = the error its precision explains (componentwise
+                        |A|·|B| × unit roundoff × reduction length, in L2), ``scale`` =
+                        ‖|A|·|B|‖; absent for tensors the model does not cover
+
 ``rep/{kind}/{name}``   a second run of the same step from the same state, written
                         only for tensors that came out with other bits than the first
                         run; ``meta/repeat`` = 1 says the repeat was done
-``free/loss/loss``, ``free/weight/NAME``   a free-running copy of the model, trained
-                        normally (never re-synchronised), after this step
+``free/loss/loss``, ``free/{kind}/NAME``   a free-running copy of the model, trained
+                        normally (never re-synchronised), after this step (loss and
+                        the carried kinds)
 ``meta/...``            small integers/floats (step, timings)
 
 Within each kind, keys are written in the order the computation produced them
@@ -47,8 +64,10 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-KINDS = ("fwd", "loss", "grad", "weight")
-PREFIXES = ("ref64", "rep", "free", "meta")
+KINDS = ("fwd", "loss", "grad", "weight", "buffer", "optim", "scaler", "carry")
+#: kinds that carry over to the next step: ``identical`` needs every one of them bitwise equal
+CARRIED = ("weight", "buffer", "optim", "scaler", "carry")
+PREFIXES = ("ref64", "rep", "free", "meta", "local")
 MODEL_NAME = "<model>"  # fwd key of the model's own output
 LOSS_NAME = "loss"
 
@@ -83,7 +102,8 @@ def _as_array(v) -> np.ndarray:
 
 def assemble_step(step: int, own: Mapping[str, np.ndarray], ref64: Mapping[str, np.ndarray],
                   repeat: Mapping[str, np.ndarray] | None = None, free_loss=None,
-                  free_weights: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], bool]:
+                  free_weights: Mapping[str, np.ndarray] | None = None,
+                  local: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], bool]:
     """One step file's arrays, as every framework's lockstep side writes them, and whether
     the repeat came out with other bits.
 
@@ -91,7 +111,9 @@ def assemble_step(step: int, own: Mapping[str, np.ndarray], ref64: Mapping[str, 
     reference's, keyed ``ref64/kind/name``, put in ``own``'s order (its own hooks may order
     equal-time gradients otherwise), the rest after; ``repeat``: the second run of the step,
     of which only the arrays whose bits differ are kept (``rep/...``); the free-running copy's
-    loss and weights; ``meta/step`` and ``meta/repeat``.
+    loss and carried tensors (``free_weights``: ``{name: array}`` for weights, or full
+    ``kind/name`` keys for other kinds); ``local``: the rounding model, keyed
+    ``local/kind/name``; ``meta/step`` and ``meta/repeat``.
     """
     arrays = dict(own)
     arrays.update({k: ref64[k] for k in (f"ref64/{a}" for a in own) if k in ref64})
@@ -105,7 +127,8 @@ def assemble_step(step: int, own: Mapping[str, np.ndarray], ref64: Mapping[str, 
     if free_loss is not None:
         arrays[key("loss", LOSS_NAME, "free")] = free_loss
     for name, a in (free_weights or {}).items():
-        arrays[key("weight", name, "free")] = a
+        arrays["free/" + name if name.split("/", 1)[0] in KINDS and "/" in name else key("weight", name, "free")] = a
+    arrays.update(local or {})
     arrays["meta/step"] = np.int64(step)
     arrays["meta/repeat"] = np.int64(1 if repeat is not None else 0)
     return arrays, varied

@@ -35,8 +35,9 @@ def test_one_vs_two_threads_is_rounding(tmp_path):
     # Teacher forcing: both sides start every step from the same state (float64 noise rounds away).
     assert all((st["start_gap"] or 0.0) < 1e-6 for st in payload["per_step"])
     kinds = {r["kind"] for r in payload["rows"]}
-    assert kinds == {"fwd", "loss", "grad", "weight"}
-    assert {r["kind"] for r in payload["free"]} == {"loss", "weight"}
+    assert kinds == {"fwd", "loss", "grad", "weight", "optim"}  # the autoencoder has no buffers
+    assert {r["kind"] for r in payload["free"]} == {"loss", "weight", "optim"}
+    assert not [r for r in payload["rows"] if r["cls"] == "suspect"]
     assert payload["effective"]["A"]["torch_threads"] == 1 and payload["effective"]["B"]["torch_threads"] == 2
     stored = store.analyses(kind="diverge")
     assert list(stored["key"]) == ["cpu-1t|cpu-2t|seed=0|steps=2"]
@@ -62,7 +63,9 @@ def test_planted_fault_is_beyond_rounding_at_step_1_in_layers_1(tmp_path, capsys
     # At step 1 the bias is still 0, so only what touches it differs: layers.1 is not called as a
     # module, its bias gets no gradient and is not updated. Everything else has the same bits.
     beyond = sorted(k for k, r in step1.items() if r["cls"] == BEYOND)
-    assert beyond == [("fwd", "layers.1"), ("grad", "layers.1.bias"), ("weight", "layers.1.bias")]
+    # (B's Adam keeps no state for a parameter without a gradient: its three entries are absent in B)
+    assert beyond == [("fwd", "layers.1"), ("grad", "layers.1.bias"), ("optim", "layers.1.bias.exp_avg"),
+                      ("optim", "layers.1.bias.exp_avg_sq"), ("optim", "layers.1.bias.step"), ("weight", "layers.1.bias")]
     assert step1[("loss", "loss")]["cls"] == IDENTICAL
     assert "no gradient in B" in step1[("grad", "layers.1.bias")]["note"]
 

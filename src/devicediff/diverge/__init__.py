@@ -11,7 +11,7 @@ Library::
 
     from devicediff.diverge import diverge, plot_divergence
     payload = diverge(load_study("quick"), "cpu-1t", "cpu-2t", steps=5)
-    payload["summary"]["verdict"]            # "identical" | "rounding" | "beyond rounding"
+    payload["summary"]["verdict"]   # "identical" | "rounding" | "random" | "suspect" | "beyond rounding"
     plot_divergence(payload, "diverge.png")
 
 Submodules: ``format`` (the step files, numpy only; what every framework's
@@ -21,10 +21,15 @@ lockstep side writes: ``frameworks/<name>/lockstep.py``), ``compare`` (the rule)
 
 from __future__ import annotations
 
-from devicediff.diverge.compare import BEYOND, IDENTICAL, ROUNDING
+from devicediff.diverge.compare import BEYOND, IDENTICAL, RANDOM, ROUNDING, SUSPECT
 from devicediff.errors import DivergeError
 
-__all__ = ["diverge", "plot_divergence", "print_divergence", "DivergeError", "BEYOND", "IDENTICAL", "ROUNDING"]
+__all__ = ["diverge", "plot_divergence", "print_divergence", "DivergeError", "BEYOND", "IDENTICAL", "ROUNDING",
+           "SUSPECT", "RANDOM", "EXIT_CODES"]
+
+#: the command's exit status per verdict (as ``diff``: 0 the same up to rounding); 2 stays the
+#: usage error and 3 failed runs (cli.py)
+EXIT_CODES = {IDENTICAL: 0, ROUNDING: 0, BEYOND: 1, SUSPECT: 4, RANDOM: 5}
 
 
 def diverge(*args, **kwargs) -> dict:

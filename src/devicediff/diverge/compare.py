@@ -42,6 +42,20 @@ magnitude ``rms_kind`` (the root mean square of every reference element of
 that kind at that step), so that a float64 gradient of exactly 0 on one side
 and 1e-17 on the other (an exact cancellation done in another order) is not
 called a bug.
+
+Each side's own rounding model (``local/`` arrays, written by the side) adds two things:
+
+* ``own_X = err_X / bound_X``: the side's own error for that tensor, from replaying the
+  operation that produced it in float64 on the side's own inputs, over the bound its
+  precision explains (componentwise ``|A|·|B|`` × unit roundoff × reduction length). A side
+  with ``own_X > SUSPECT_FACTOR`` makes the tensor ``suspect``: its arithmetic is off by
+  itself, whatever the other side does.
+* ``scale``: ``‖|A|·|B|‖`` of the operation, so a tensor whose reference is ~0 (a bias gradient
+  ahead of BatchNorm) is measured against the size of the numbers that cancelled, never by a
+  relative error over a zero norm.
+
+Tensors whose difference comes from random draws that the two sides did not share (a device
+generator on one side, other draws on each) are ``random``, never ``rounding``.
 """
 
 from __future__ import annotations
@@ -52,7 +66,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from devicediff.stepfiles import KINDS, split_key
+from devicediff.stepfiles import CARRIED, KINDS, split_key
 
 U32 = 2.0**-24  # float32 unit roundoff (IEEE 754 binary32, round to nearest)
 U64 = 2.0**-53  # float64 unit roundoff
@@ -60,7 +74,13 @@ REF_ALLOWANCE = 2.0**-37  # U64 * 2^16: how far two float64 references of the sa
 TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: keeps 0/0 away
 
 IDENTICAL, ROUNDING, BEYOND = "identical", "rounding", "beyond rounding"
+SUSPECT, RANDOM = "suspect", "random"
+CLASSES = (IDENTICAL, ROUNDING, RANDOM, SUSPECT, BEYOND)
 KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
+#: own error over the rounding model's bound above which a side is ``suspect``; calibrated in
+#: docs/diverge.md (benchmarks/diverge_calibrate.py): the bound is first-order rigorous, so a
+#: correct side stays below 1; the largest ratio measured without a fault was far below it
+SUSPECT_FACTOR = 1.0
 
 
 @dataclass
@@ -82,6 +102,11 @@ class Row:
     cls: str
     note: str = ""
     mode: str = "teacher"  # "teacher" (re-synchronised step) or "free" (free running)
+    own_a: float = math.nan  # A's own error over its rounding bound (local replay); nan: not modelled
+    own_b: float = math.nan
+    bound_a: float = math.nan  # A's rounding bound, relative to magnitude
+    bound_b: float = math.nan
+    sensitivity: float = math.nan  # smallest relative change of this tensor the threshold calls beyond
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -92,9 +117,15 @@ class Row:
 
 
 def module_of(kind: str, name: str) -> str:
-    """``layers.0.weight`` → ``layers.0``; ``layers.0@20:1`` → ``layers.0``; loss → ``loss``."""
-    if kind in ("grad", "weight"):
+    """``layers.0.weight`` → ``layers.0``; ``layers.0@20:1`` → ``layers.0``; loss → ``loss``;
+    ``optim/layers.0.weight.exp_avg`` → ``layers.0``; scaler → ``scaler``; carry → ``carry``."""
+    if kind in ("grad", "weight", "buffer"):
         return name.rsplit(".", 1)[0] if "." in name else name
+    if kind == "optim":
+        parts = name.rsplit(".", 2)
+        return parts[0] if len(parts) == 3 else name
+    if kind in ("scaler", "carry"):
+        return kind
     if kind == "fwd":
         return name.split("@", 1)[0].split(":", 1)[0]
     return name
@@ -157,10 +188,21 @@ class _Norms:
         return hit[1]
 
 
+def rms_group(kind: str, name: str) -> str:
+    """The tensors whose typical magnitude sets the float64 allowance of the floor: one kind, and
+    for optimizer, buffer and scaler state one state key (Adam's step counts, first and second
+    moments live on scales 1e8 apart)."""
+    if kind in ("optim", "buffer", "scaler"):
+        return f"{kind}:{name.rsplit('.', 1)[-1]}"
+    return kind
+
+
 def _kind_rms(a, b, names, ref_prefix: str, norms: _Norms) -> dict[str, float]:
+    """Root mean square of the reference elements of each :func:`rms_group`."""
     sq: dict[str, float] = {}
     cnt: dict[str, int] = {}
     for kind, name in names:
+        group = rms_group(kind, name)
         r = a.get(f"{ref_prefix}/{kind}/{name}")
         if r is None:
             r = b.get(f"{ref_prefix}/{kind}/{name}")
@@ -169,16 +211,27 @@ def _kind_rms(a, b, names, ref_prefix: str, norms: _Norms) -> dict[str, float]:
         nr = norms(r)
         if not math.isfinite(nr):
             continue
-        sq[kind] = sq.get(kind, 0.0) + nr * nr
-        cnt[kind] = cnt.get(kind, 0) + r.size
+        sq[group] = sq.get(group, 0.0) + nr * nr
+        cnt[group] = cnt.get(group, 0) + r.size
     return {k: math.sqrt(sq[k] / cnt[k]) if cnt[k] else 0.0 for k in sq}
+
+
+def _own(local, mag: float) -> tuple[float, float, float]:
+    """``(own error / bound, bound / magnitude, scale)`` from a side's ``local`` entry
+    ``[err, bound, scale]``; nan where the side has none."""
+    if local is None or len(local) != 3 or not np.all(np.isfinite(local)):
+        return math.nan, math.nan, math.nan
+    err, bound, scale = (float(x) for x in local)
+    own = err / bound if bound > 0 else (0.0 if err == 0 else math.inf)
+    return own, (bound / mag if mag > 0 else math.nan), scale
 
 
 def compare_tensor(
     *, step: int, kind: str, name: str, A, B, RA, RB, A2=None, B2=None, rms_kind: float = 0.0,
-    threshold: float = 100.0, mode: str = "teacher", norms: _Norms | None = None,
+    threshold: float = 100.0, mode: str = "teacher", norms: _Norms | None = None, LA=None, LB=None,
 ) -> Row:
-    """Compare one tensor; ``A2``/``B2`` are the repeats (None: equal to A/B or not run)."""
+    """Compare one tensor; ``A2``/``B2`` are the repeats (None: equal to A/B or not run);
+    ``LA``/``LB`` each side's rounding model for it (``[err, bound, scale]``, or None)."""
     notes = []
     if A is None and B is None:
         raise ValueError(f"{kind}/{name}: absent on both sides")
@@ -217,31 +270,82 @@ def compare_tensor(
     eb = _dist(B, RB) if RB.shape == B.shape else math.nan
     nda = _dist(A, A2) if A2 is not None and A2.shape == A.shape else 0.0
     ndb = _dist(B, B2) if B2 is not None and B2.shape == B.shape else 0.0
-    mag = max(norm(RA), norm(RB))
+    # The operation's own scale (‖|A|·|B|‖ from each side's rounding model) keeps a tensor whose
+    # reference is ~0 from being judged by a relative error over a zero norm.
+    scale = max(_own(LA, 1.0)[2], _own(LB, 1.0)[2], 0.0) if (LA is not None or LB is not None) else 0.0
+    mag = max(norm(RA), norm(RB), 0.0 if math.isnan(scale) else scale)
     if not (mag > 0.0) or notes:
         mag = max(mag, norm(A), norm(B))  # references zero, missing or absent: the configs' own size
     floor = U32 * mag + REF_ALLOWANCE * math.sqrt(n) * rms_kind + TINY * math.sqrt(max(n, 1))
     denom = (0.0 if math.isnan(ea) else ea) + (0.0 if math.isnan(eb) else eb) + nda + ndb + floor
     ratio = l2 / denom
-    if identical:
-        cls = IDENTICAL
-    elif ratio > threshold:
-        cls = BEYOND
-    else:
-        cls = ROUNDING
+    own_a, bound_a, _ = _own(LA, mag)
+    own_b, bound_b, _ = _own(LB, mag)
+    cls = _classify(identical, ratio, threshold, own_a, own_b, notes)
     if nda > 0:
         notes.append("A varies run to run")
     if ndb > 0:
         notes.append("B varies run to run")
     rel = (lambda x: x / mag if mag > 0 else 0.0)
     return Row(step, kind, name, module, n, max_abs, l2, rel(l2), rel(ea), rel(eb), rel(nda), rel(ndb), mag,
-               ratio, cls, "; ".join(notes), mode)
+               ratio, cls, "; ".join(notes), mode, own_a, own_b, bound_a, bound_b, threshold * denom / mag if mag > 0 else math.inf)
+
+
+def _classify(identical: bool, ratio: float, threshold: float, own_a: float, own_b: float, notes: list) -> str:
+    """identical (same bits) > beyond rounding (ratio over threshold) > suspect (a side's own error
+    beyond its bound) > rounding. A suspect side is named in the notes either way."""
+    bad = [s for s, o in (("A", own_a), ("B", own_b)) if o > SUSPECT_FACTOR]
+    for s in bad:
+        notes.append(f"{s} suspect: own error {own_a if s == 'A' else own_b:.3g}x its rounding bound")
+    if identical:
+        return IDENTICAL
+    if ratio > threshold:
+        return BEYOND
+    return SUSPECT if bad else ROUNDING
+
+
+#: kinds a side may not record at all (a Chainer side writes no carried state; an fp32 side has
+#: no gradient scaler): when one side has no key of such a kind, its rows are not compared
+OPTIONAL_KINDS = ("carry", "scaler")
+
+
+def unrecorded(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> set[str]:
+    """The :data:`OPTIONAL_KINDS` that one of the two step files does not record at all."""
+    have = [{split_key(k)[1] for k in side if split_key(k)[0] is None} for side in (a, b)]
+    return {k for k in OPTIONAL_KINDS if (k in have[0]) != (k in have[1])}
+
+
+def random_pairing(info_a: Mapping | None, info_b: Mapping | None) -> str | None:
+    """None when the two sides' random draws are shared (none, or the same draws on the CPU
+    generator, seeded alike every step), else why they are not."""
+    ra, rb = (info_a or {}).get("random") or [], (info_b or {}).get("random") or []
+    if not ra and not rb:
+        return None
+    da = set((info_a or {}).get("random_devices") or []) | set((info_a or {}).get("random_generators") or [])
+    db = set((info_b or {}).get("random_devices") or []) | set((info_b or {}).get("random_generators") or [])
+    if sorted(ra) == sorted(rb) and da <= {"cpu"} and db <= {"cpu"}:
+        return None
+    who = "; ".join(f"{s}: {', '.join(r)}" for s, r in (("A", ra), ("B", rb)) if r)
+    return f"random draws not shared ({who})"
+
+
+def _mark_random(rows: list[Row], why: str, modules: list[str]) -> None:
+    """Rows from the first drawing module on (forward order), and every later kind, that are not
+    identical become ``random``: their difference comes through draws the sides did not share."""
+    started = not modules
+    for r in rows:
+        if not started and r.kind == "fwd" and r.module in modules:
+            started = True
+        if (started or r.kind != "fwd") and r.cls != IDENTICAL:
+            r.note = "; ".join(x for x in (r.note, why) if x)
+            r.cls = RANDOM
 
 
 def compare_step(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], step: int,
-                 threshold: float = 100.0) -> list[Row]:
-    """Teacher-forced rows of one step, in computation order (side A's)."""
-    names = ordered_names(a, b)
+                 threshold: float = 100.0, info_a: Mapping | None = None, info_b: Mapping | None = None) -> list[Row]:
+    """Teacher-forced rows of one step, in computation order (side A's); ``info_*``: what each
+    side's ``lockstep`` record said about random draws (``random``, ``random_modules``, ...)."""
+    names = [kn for kn in ordered_names(a, b) if kn[0] not in unrecorded(a, b)]
     norms = _Norms()
     rms = _kind_rms(a, b, names, "ref64", norms)
     rows = []
@@ -249,18 +353,23 @@ def compare_step(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], step:
         k = f"{kind}/{name}"
         rows.append(compare_tensor(
             step=step, kind=kind, name=name, A=a.get(k), B=b.get(k), RA=a.get(f"ref64/{k}"),
-            RB=b.get(f"ref64/{k}"), A2=a.get(f"rep/{k}"), B2=b.get(f"rep/{k}"), rms_kind=rms.get(kind, 0.0),
-            threshold=threshold, norms=norms,
+            RB=b.get(f"ref64/{k}"), A2=a.get(f"rep/{k}"), B2=b.get(f"rep/{k}"), rms_kind=rms.get(rms_group(kind, name), 0.0),
+            threshold=threshold, norms=norms, LA=a.get(f"local/{k}"), LB=b.get(f"local/{k}"),
         ))
+    why = random_pairing(info_a, info_b)
+    if why:
+        mods = list(dict.fromkeys(list((info_a or {}).get("random_modules") or [])
+                                  + list((info_b or {}).get("random_modules") or [])))
+        _mark_random(rows, why, mods)
     return rows
 
 
 def compare_free(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], step: int,
                  threshold: float = 100.0, norms: _Norms | None = None) -> list[Row]:
-    """Free-running rows (loss and weights): each side's free copy against the other's,
+    """Free-running rows (loss and what carries over): each side's free copy against the other's,
     with each side's drift from its own teacher trajectory (the float64 reference
     after this step) as the rounding scale."""
-    names = [kn for kn in ordered_names(a, b, "free") if kn[0] in ("loss", "weight")]
+    names = [kn for kn in ordered_names(a, b, "free") if kn[0] == "loss" or kn[0] in CARRIED]
     norms = norms or _Norms()
     rms = _kind_rms(a, b, names, "ref64", norms)
     rows = []
@@ -270,7 +379,8 @@ def compare_free(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], step:
             continue
         rows.append(compare_tensor(
             step=step, kind=kind, name=name, A=a.get(f"free/{k}"), B=b.get(f"free/{k}"), RA=a.get(f"ref64/{k}"),
-            RB=b.get(f"ref64/{k}"), rms_kind=rms.get(kind, 0.0), threshold=threshold, mode="free", norms=norms,
+            RB=b.get(f"ref64/{k}"), rms_kind=rms.get(rms_group(kind, name), 0.0), threshold=threshold, mode="free",
+            norms=norms,
         ))
     return rows
 

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from devicediff.diverge.compare import BEYOND, IDENTICAL, ROUNDING, Row, compare_free, compare_step, first, start_gap
+from devicediff.diverge.compare import (
+    BEYOND, IDENTICAL, RANDOM, ROUNDING, SUSPECT, SUSPECT_FACTOR, Row, compare_free, compare_step, first, start_gap,
+)
 from devicediff.stepfiles import read_step
 from devicediff.executors.base import Task
 from devicediff.executors.local import LocalExecutor, available_cores
@@ -32,6 +34,11 @@ from devicediff.protocol import FINISHED
 from devicediff.study import Cell, Study
 
 SIDES = ("A", "B")
+#: fields of a side's ``lockstep`` record kept for the comparison (see ``LockstepSide.info``)
+INFO_FIELDS = ("sha256", "parity", "random", "random_modules", "random_devices", "random_generators")
+KIND_WORDS = {"fwd": "output of", "loss": "loss", "grad": "gradient of", "weight": "updated weight",
+              "buffer": "buffer", "optim": "optimizer state", "scaler": "gradient-scaler state",
+              "carry": "carried state"}
 
 
 def analysis_key(a: str, b: str, seed: int, steps: int) -> str:
@@ -91,6 +98,8 @@ def step_summary(step: int, rows: list[Row], free_rows: list[Row], gap: float | 
         "identical": sum(r.cls == IDENTICAL for r in rows),
         "rounding": sum(r.cls == ROUNDING for r in rows),
         "beyond": sum(r.cls == BEYOND for r in rows),
+        "suspect": sum(r.cls == SUSPECT for r in rows),
+        "random": sum(r.cls == RANDOM for r in rows),
         "worst": f"{worst.kind} {worst.name}" if worst else None,
         "max_ratio": worst.ratio if worst else None,
         "start_gap": gap,
@@ -108,33 +117,119 @@ def step_summary(step: int, rows: list[Row], free_rows: list[Row], gap: float | 
     return out
 
 
-def _describe(r: Row | None) -> dict | None:
+def _describe(r: Row | None, threshold: float | None = None) -> dict | None:
     if r is None:
         return None
-    return {"step": r.step, "kind": r.kind, "name": r.name, "module": r.module, "ratio": r.ratio,
-            "rel_l2": r.rel_l2, "note": r.note}
+    out = {"step": r.step, "kind": r.kind, "name": r.name, "module": r.module, "ratio": r.ratio,
+           "rel_l2": r.rel_l2, "note": r.note, "sensitivity": r.sensitivity}
+    if threshold and math.isfinite(r.ratio):
+        out["margin"] = r.ratio / threshold  # how far past the threshold (beyond) or below it
+    return out
 
 
-def summarize(rows: list[Row], free_rows: list[Row], steps: list[dict], a: str, b: str) -> dict:
-    fd = first(rows, (ROUNDING, BEYOND))
+def hash_row(step: int, rows: list[Row], sha_a: str | None, sha_b: str | None) -> Row | None:
+    """Cross-check of ``identical``: when every recorded weight and buffer of the step has the
+    same bits, the sides' state hashes must agree too; if not, something that carries over was
+    not recorded, and the step cannot be called identical."""
+    if not sha_a or not sha_b or sha_a == sha_b:
+        return None
+    state = [r for r in rows if r.kind in ("weight", "buffer")]
+    if not state or any(r.cls != IDENTICAL for r in state):
+        return None
+    return Row(step, "state", "sha256", "state", 0, math.nan, math.nan, math.nan, math.nan, math.nan, 0.0, 0.0,
+               math.nan, math.inf, BEYOND, "state hashes differ although every recorded weight and buffer is "
+               "bitwise equal: something that carries over was not recorded")
+
+
+def precision_word(cfg: dict | None) -> str:
+    """What a side's arithmetic is called in messages: bf16/fp16 autocast, TF32, float32."""
+    cfg = cfg or {}
+    prec = cfg.get("precision") or "fp32"
+    if prec != "fp32":
+        return prec.replace("-autocast", " autocast")
+    if str(cfg.get("device", "cpu")).startswith("cuda") and cfg.get("tf32"):
+        return "TF32"
+    return "float32"
+
+
+def suspect_lines(rows: list[Row], names: dict, cfgs: dict | None = None) -> list[str]:
+    """One line per side with a suspect tensor (the first, in computation order), e.g. "B's
+    gradient of fc2.weight is 1.0e-03 from its own float64 reference; float32 explains <= 3e-07 here"."""
+    out = []
+    for side in SIDES:
+        own = "own_a" if side == "A" else "own_b"
+        bound = "bound_a" if side == "A" else "bound_b"
+        r = next((r for r in rows if r.cls != IDENTICAL and getattr(r, own) > SUSPECT_FACTOR), None)
+        if r is None:
+            continue
+        err = getattr(r, own) * getattr(r, bound)
+        word = KIND_WORDS.get(r.kind, r.kind)
+        out.append(f"{side}'s {word} {r.name} (step {r.step}) is {err:.1e} from its own float64 reference; "
+                   f"{precision_word((cfgs or {}).get(side))} explains <= {getattr(r, bound):.0e} here")
+    return out
+
+
+def sensitivity(rows: list[Row], step: int) -> dict | None:
+    """The smallest relative change to a tensor the threshold would call beyond rounding at
+    ``step``: median over its tensors and the least sensitive one."""
+    rs = [r for r in rows if r.step == step and r.cls != RANDOM and math.isfinite(r.sensitivity)]
+    if not rs:
+        return None
+    vals = sorted(r.sensitivity for r in rs)
+    worst = max(rs, key=lambda r: r.sensitivity)
+    return {"step": step, "median": vals[len(vals) // 2], "max": worst.sensitivity, "max_kind": worst.kind,
+            "max_name": worst.name, "tensors": len(rs)}
+
+
+def _largest_own(rows: list[Row], side: str, config: str) -> dict | None:
+    """A side's largest own error over its rounding bound, among rows that are not identical
+    (a number is never reported for a tensor the table calls identical)."""
+    own = "own_a" if side == "A" else "own_b"
+    err = "err_a" if side == "A" else "err_b"
+    fin = [r for r in rows if r.cls != IDENTICAL and math.isfinite(getattr(r, own))]
+    if fin:
+        w = max(fin, key=lambda r: getattr(r, own))
+        return {"config": config, "own": getattr(w, own), "rel": getattr(w, err), "step": w.step, "kind": w.kind,
+                "name": w.name}
+    fin = [r for r in rows if r.cls != IDENTICAL and math.isfinite(getattr(r, err))]
+    if not fin:
+        return None
+    w = max(fin, key=lambda r: getattr(r, err))
+    return {"config": config, "own": None, "rel": getattr(w, err), "step": w.step, "kind": w.kind, "name": w.name}
+
+
+def summarize(rows: list[Row], free_rows: list[Row], steps: list[dict], a: str, b: str,
+              threshold: float = 100.0, parity: dict | None = None, cfgs: dict | None = None) -> dict:
+    fd = first(rows, (ROUNDING, BEYOND, SUSPECT, RANDOM))
     fb = first(rows, (BEYOND,))
-    verdict = BEYOND if fb else (ROUNDING if fd else IDENTICAL)
+    fsus = first(rows, (SUSPECT,))
+    frnd = first(rows, (RANDOM,))
+    names = {"A": a, "B": b}
+    parity_lines = [f"{side}'s reference lacks something: its float32 replay differs from {side} at {p['tensor']}"
+                    for side, p in (parity or {}).items() if p]
+    sus = suspect_lines(rows, names, cfgs)
+    if fb:
+        verdict = BEYOND
+    elif fsus or parity_lines:
+        verdict = SUSPECT
+    elif frnd:
+        verdict = RANDOM
+    else:
+        verdict = ROUNDING if fd else IDENTICAL
     nd = {side: any((r.nd_a if side == "A" else r.nd_b) > 0 for r in rows) for side in SIDES}
-    fin = [r for r in rows if math.isfinite(r.err_a) and math.isfinite(r.err_b)]
-    worst_a = max(fin, key=lambda r: r.err_a, default=None)
-    worst_b = max(fin, key=lambda r: r.err_b, default=None)
+    focus = (fb or fsus or frnd or fd or (rows[0] if rows else None))
     s = {
         "verdict": verdict,
         "first_difference": _describe(fd),
-        "first_beyond": _describe(fb),
+        "first_beyond": _describe(fb, threshold),
+        "first_suspect": _describe(fsus),
+        "first_random": _describe(frnd),
+        "suspect": sus,
+        "parity": parity_lines,
+        "sensitivity": sensitivity(rows, focus.step) if focus else None,
         # keyed by side (A, B): the two configs may be the same one, run twice
         "nondeterministic": {"A": nd["A"], "B": nd["B"]},
-        "largest_rounding": {
-            "A": {"config": a, "rel": worst_a.err_a, "step": worst_a.step, "kind": worst_a.kind,
-                  "name": worst_a.name} if worst_a else None,
-            "B": {"config": b, "rel": worst_b.err_b, "step": worst_b.step, "kind": worst_b.kind,
-                  "name": worst_b.name} if worst_b else None,
-        },
+        "largest_rounding": {side: _largest_own(rows, side, names[side]) for side in SIDES},
         "max_ratio_rounding": max((r.ratio for r in rows if r.cls == ROUNDING), default=0.0),
     }
     if steps and steps[-1].get("free_weights"):
@@ -149,10 +244,17 @@ def summary_line(s: dict) -> str:
     first_txt = f"step {fd['step']}, {fd['name']} {fd['kind']}" if fd else "none (bitwise identical)"
     if fb:
         beyond_txt = f"step {fb['step']}, {fb['kind']} of {fb['name']} (ratio {fb['ratio']:.3g}" + (
+            f", {fb['margin']:.3g}x the threshold" if fb.get("margin") else "") + (
             f", {fb['note']})" if fb["note"] else ")")
     else:
         beyond_txt = "never"
-    return f"first difference: {first_txt}; beyond rounding first at: {beyond_txt}; verdict: {s['verdict']}"
+    line = f"first difference: {first_txt}; beyond rounding first at: {beyond_txt}; verdict: {s['verdict']}"
+    fr = s.get("first_random")
+    if s["verdict"] == RANDOM and fr:
+        line += f" (step {fr['step']}, {fr['kind']} {fr['name']}: {fr['note']})"
+    for extra in list(s.get("parity") or []) + list(s.get("suspect") or []):
+        line += f"; {extra}"
+    return line
 
 
 def diverge(
@@ -199,6 +301,8 @@ def diverge(
 
     arrived: dict[str, dict[int, str]] = {s: {} for s in SIDES}
     timing: dict[str, dict[int, dict]] = {s: {} for s in SIDES}
+    info: dict[str, dict[int, dict]] = {s: {} for s in SIDES}
+    parity: dict[str, dict | None] = {}
     done: dict[str, dict] = {}
     effective: dict[str, dict] = {}
     env: dict[str, dict] = {}
@@ -211,7 +315,7 @@ def diverge(
     t0 = time.perf_counter()
 
     def keep_for_gap(arrs: dict) -> dict:
-        return {k: v for k, v in arrs.items() if k.startswith("ref64/weight/") or k.startswith("weight/")}
+        return {k: v for k, v in arrs.items() if k.startswith(("ref64/weight/", "weight/"))}
 
     # Two at a time when the cores allow, never pinned: a side's thread count comes from its
     # config through worker_env, exactly as in `devicediff run` (which pins only with --jobs > 1).
@@ -228,6 +332,9 @@ def diverge(
             elif kind == "lockstep":
                 arrived[side][int(rec["step"])] = rec["path"]
                 timing[side][int(rec["step"])] = rec.get("timing", {})
+                info[side][int(rec["step"])] = {k: rec.get(k) for k in INFO_FIELDS if rec.get(k) is not None}
+                if int(rec["step"]) == 1:
+                    parity[side] = rec.get("parity")
                 if on_step:
                     on_step(side, int(rec["step"]), steps)
             elif kind == "done":
@@ -235,7 +342,11 @@ def diverge(
             while nxt in arrived["A"] and nxt in arrived["B"]:
                 tc = time.perf_counter()
                 fa, fb = read_step(arrived["A"][nxt]), read_step(arrived["B"][nxt])
-                step_rows = compare_step(fa, fb, nxt, threshold)
+                ia, ib = info["A"].get(nxt, {}), info["B"].get(nxt, {})
+                step_rows = compare_step(fa, fb, nxt, threshold, ia, ib)
+                hr = hash_row(nxt, step_rows, ia.get("sha256"), ib.get("sha256"))
+                if hr is not None:
+                    step_rows.append(hr)
                 step_free = compare_free(fa, fb, nxt, threshold) if free else []
                 gap = start_gap(prev["A"], prev["B"])
                 prev = {"A": keep_for_gap(fa), "B": keep_for_gap(fb)}
@@ -266,7 +377,8 @@ def diverge(
 
     if scratch and not keep_files:
         shutil.rmtree(workdir, ignore_errors=True)  # kept above when a side failed: its log is the evidence
-    summary = summarize(rows, free_rows, per_step, a, b)
+    summary = summarize(rows, free_rows, per_step, a, b, threshold, parity,
+                        {side: cfgs[side].to_dict() for side in SIDES})
     payload = {
         "study": study.name,
         "study_id": study.study_id,
@@ -280,7 +392,10 @@ def diverge(
         "steps": steps,
         "threshold": threshold,
         "repeat": repeat,
-        "rule": "ratio = |A-B| / (|A-R_A| + |B-R_B| + |A-A'| + |B-B'| + floor); beyond rounding if ratio > threshold",
+        "rule": "ratio = |A-B| / (|A-R_A| + |B-R_B| + |A-A'| + |B-B'| + floor); beyond rounding if ratio > threshold; "
+                "suspect if a side's own error (its op replayed in float64 on its own inputs) > "
+                f"{SUSPECT_FACTOR:g} x its rounding bound (|A|.|B| x u x reduction length); random if draws not shared",
+        "suspect_factor": SUSPECT_FACTOR,
         "rows": [r.to_dict() for r in rows],
         "free": [r.to_dict() for r in free_rows],
         "per_step": per_step,

@@ -8,9 +8,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from devicediff.diverge.compare import BEYOND, IDENTICAL, ROUNDING
+from devicediff.diverge.compare import BEYOND, IDENTICAL, RANDOM, ROUNDING, SUSPECT
 
-STYLE = {IDENTICAL: "dim", ROUNDING: "green", BEYOND: "bold red"}
+STYLE = {IDENTICAL: "dim", ROUNDING: "green", BEYOND: "bold red", SUSPECT: "bold magenta", RANDOM: "yellow"}
 
 
 def _g(x, digits: int = 2) -> str:
@@ -29,7 +29,7 @@ def focus_step(payload: dict) -> int:
     """The step whose tensors are listed in full: where beyond rounding first shows,
     else where the first difference is, else step 1."""
     s = payload["summary"]
-    for k in ("first_beyond", "first_difference"):
+    for k in ("first_beyond", "first_suspect", "first_random", "first_difference"):
         if s.get(k):
             return int(s[k]["step"])
     return 1
@@ -40,11 +40,12 @@ def tensor_table(payload: dict, step: int, *, max_rows: int = 60) -> Table:
               title_justify="left")
     for col, just in (("step", "right"), ("module/tensor", "left"), ("kind", "left"), ("max|A−B|", "right"),
                       ("rel L2 A−B", "right"), ("rounding A", "right"), ("rounding B", "right"),
-                      ("ratio", "right"), ("class", "left")):
+                      ("own A/bound", "right"), ("own B/bound", "right"), ("ratio", "right"),
+                      ("sensitivity", "right"), ("class", "left")):
         t.add_column(col, justify=just, no_wrap=col != "module/tensor", min_width=22 if col == "module/tensor" else None)
     rows = [r for r in payload["rows"] if r["step"] == step]
     if len(rows) > max_rows:  # keep the interesting ones: every non-rounding row, then the largest ratios
-        keep = {id(r) for r in rows if r["cls"] == BEYOND}
+        keep = {id(r) for r in rows if r["cls"] in (BEYOND, SUSPECT)}
         for r in sorted(rows, key=lambda r: -(r["ratio"] or 0)):
             if len(keep) >= max_rows:
                 break
@@ -55,7 +56,8 @@ def tensor_table(payload: dict, step: int, *, max_rows: int = 60) -> Table:
     for r in rows:
         name = r["name"] + (f"  [dim]({r['note']})[/dim]" if r.get("note") else "")
         t.add_row(str(r["step"]), name, r["kind"], _g(r["max_abs"]), _g(r["rel_l2"]), _g(r["err_a"]), _g(r["err_b"]),
-                  _g(r["ratio"]), f"[{STYLE.get(r['cls'], '')}]{r['cls']}[/]")
+                  _g(r.get("own_a")), _g(r.get("own_b")), _g(r["ratio"]), _g(r.get("sensitivity"), 1),
+                  f"[{STYLE.get(r['cls'], '')}]{r['cls']}[/]")
     return t
 
 
@@ -84,7 +86,10 @@ def print_divergence(console: Console, payload: dict) -> None:
     console.print(f"[bold]diverge[/bold] {payload['study']}: A = {a}, B = {b}, seed {payload['seed']}, "
                   f"{payload['steps']} step(s), threshold {payload['threshold']:g}", highlight=False)
     console.print("rounding X = ‖X − its float64 reference‖/‖ref‖; ratio = ‖A−B‖ / (rounding A + rounding B + "
-                  "run-to-run variation + floor), in norms; beyond rounding when ratio > threshold", highlight=False)
+                  "run-to-run variation + floor), in norms; beyond rounding when ratio > threshold; own X/bound = X's "
+                  "own error (its operation replayed in float64 on X's inputs) over what its precision explains, "
+                  f"suspect above {payload.get('suspect_factor', 1.0):g}; sensitivity = the smallest relative change "
+                  "of the tensor the threshold calls beyond rounding", highlight=False)
     console.print(tensor_table(payload, focus_step(payload)))
     console.print(growth_table(payload))
     s = payload["summary"]
@@ -93,12 +98,24 @@ def print_divergence(console: Console, payload: dict) -> None:
     if nd:
         console.print(f"run-to-run variation measured in: {', '.join(nd)} (counted as rounding)", highlight=False)
     lr = s.get("largest_rounding", {})
-    bits = [f"{side} ({v['config']}) {v['rel']:.2e} ({v['kind']} {v['name']}, step {v['step']})"
-            for side, v in lr.items() if v]
+    bits = []
+    for side, v in lr.items():
+        if not v:
+            continue
+        own = f"{v['own']:.2g}x its rounding bound, " if v.get("own") is not None else ""
+        bits.append(f"{side} ({v['config']}) {own}{v['rel']:.2e} relative ({v['kind']} {v['name']}, step {v['step']})")
     if bits:
-        console.print("largest own rounding error (relative to float64): " + "; ".join(bits), highlight=False)
+        console.print("largest own rounding error (tensors not identical): " + "; ".join(bits), highlight=False)
+    sens = s.get("sensitivity")
+    if sens:
+        console.print(f"sensitivity at step {sens['step']}: a relative change above {sens['median']:.1e} (median over "
+                      f"{sens['tensors']} tensors; {sens['max']:.1e} for the least sensitive, {sens['max_kind']} "
+                      f"{sens['max_name']}) would be called beyond rounding", highlight=False)
+    ops = s.get("ops")
+    if ops and ops.get("line"):
+        console.print(f"operation: {ops['line']}", highlight=False)
     style = STYLE.get(s["verdict"], "")
-    console.print(f"[{style}]{s['line']}[/]", highlight=False)
+    console.print(f"[{style}]{s['line']}[/]", highlight=False, soft_wrap=True)  # one line: scripts grep it
 
 
 def plot_divergence(payload: dict, path: str | Path) -> Path:
@@ -126,7 +143,7 @@ def plot_divergence(payload: dict, path: str | Path) -> Path:
             if v is None:
                 continue
             cur = mods.setdefault(r["module"], {}).get(r["step"], (0.0, False))
-            mods[r["module"]][r["step"]] = (max(cur[0], min(v, 1e300)), cur[1] or r["cls"] == BEYOND)
+            mods[r["module"]][r["step"]] = (max(cur[0], min(v, 1e300)), cur[1] or r["cls"] in (BEYOND, SUSPECT))
             e = (r["err_a"] or 0.0) + (r["err_b"] or 0.0)
             rnd.setdefault(r["step"], []).append(e)
         return mods, rnd

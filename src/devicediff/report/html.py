@@ -670,7 +670,7 @@ def _diverge_view(a, figs) -> list[dict]:
         text = json.dumps(shown, indent=1, default=str, sort_keys=True)
         if len(text) > _JSON_LIMIT:
             text = text[:_JSON_LIMIT] + f"\n… ({len(text) - _JSON_LIMIT} more characters)"
-        cls = {"identical": "ok", "rounding": "ok", "beyond rounding": "bad"}.get(verdict, "warn" if verdict else "")
+        cls = {"identical": "ok", "rounding": "ok", "beyond rounding": "bad", "suspect": "bad", "random": "warn"}.get(verdict, "warn" if verdict else "")
         out.append({"title": title, "key": dv["key"], "verdict": verdict, "verdict_cls": cls, "line": line,
                     "facts": facts, "json": text, "image": fig.get("image"), "error": fig.get("error")})
     return out

@@ -8,7 +8,10 @@ driver asks, run the float64 reference step on the CPU (Chainer in float64, the 
 frame-buffer mode), and a free-running copy. Keys use the PyTorch names:
 ``fwd/layers.0.lstm`` (leaf links; first call, and ``@K`` for the last of K calls;
 ``fwd/<model>`` when the model itself is called and returns one array), ``grad/NAME`` in the
-order backward finished each parameter, ``weight/NAME``, ``loss/loss``.
+order backward finished each parameter, ``weight/NAME``, ``loss/loss``, and Adam's state as
+``optim/NAME.step|exp_avg|exp_avg_sq`` (PyTorch's names). No rounding model (``local/``) and
+no parity check yet: a Chainer side's tensors are judged by the ratio rule alone, and
+localisation stops at the module (link), said plainly in docs/diverge.md.
 """
 
 from __future__ import annotations
@@ -124,7 +127,27 @@ def _lockstep_step(wl, model, optimizer, batch, feed, lr, recorders=None) -> dic
         "loss": {"loss": to_cpu(loss.array).copy()},
         "grad": grads,
         "weight": {n: to_cpu(p.array).copy() for n, p in params.items()},
+        "optim": _adam_state(params),
     }
+
+
+#: Chainer's Adam state under PyTorch's names (``torch.optim.Adam``: step, exp_avg, exp_avg_sq)
+ADAM_NAMES = {"m": "exp_avg", "v": "exp_avg_sq", "vhat": "max_exp_avg_sq"}
+
+
+def _adam_state(params: dict) -> dict:
+    """``{"PARAM.KEY": host array}`` of each parameter's update rule, named as PyTorch's Adam
+    names its state (the step count as a float32 scalar, as PyTorch keeps it), so a Chainer side
+    and a PyTorch side compare optimizer state key for key."""
+    out = {}
+    for n, p in params.items():
+        rule = p.update_rule
+        if rule is None or rule.state is None:
+            continue
+        out[f"{n}.step"] = np.float32(rule.t)
+        for k, v in rule.state.items():
+            out[f"{n}.{ADAM_NAMES.get(k, k)}"] = chainer_to_cpu(v).copy()
+    return out
 
 
 def _copy_state(src_model, src_opt, dst_model, dst_opt) -> None:
@@ -207,4 +230,4 @@ class ChainerLockstep(_driver.LockstepSide):
         from devicediff.stepfiles import LOSS_NAME
 
         res = _lockstep_step(self.wl_free, self.model_free, self.opt_free, batch, self.feed_free, lr)
-        return res["loss"][LOSS_NAME], res["weight"]
+        return res["loss"][LOSS_NAME], {f"{kind}/{n}": a for kind in ("weight", "optim") for n, a in res[kind].items()}

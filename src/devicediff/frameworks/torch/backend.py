@@ -56,7 +56,8 @@ def reset_process_state() -> None:
     torch.backends.cudnn.allow_tf32 = True  # PyTorch's default: TF32 on for cuDNN convolutions
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
-    torch.use_deterministic_algorithms(False)
+    if torch.are_deterministic_algorithms_enabled():  # the call imports torch._inductor (~9 s) even to turn it off
+        torch.use_deterministic_algorithms(False)
     if "torch._dynamo" in sys.modules:  # only a process that compiled something has caches to drop
         torch._dynamo.reset()
 
