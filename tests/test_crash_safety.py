@@ -163,7 +163,10 @@ def test_killed_runner_resumes_from_checkpoint_with_the_same_bits(tmp_path):
     for pid in trace.read_text().split():
         steps_per_attempt[pid] = steps_per_attempt.get(pid, 0) + 1
     first, second = steps_per_attempt.values()
-    assert first >= 24 and second <= 60 - 20, f"resumed run did not start from its checkpoint: {steps_per_attempt}"
+    # A resumed attempt trains 40 steps (from its step-20 checkpoint); the workload draws random
+    # numbers, so each attempt's first step also runs the loss once more on a copy of the model
+    # (the backend naming the modules that draw: watch_random_modules).
+    assert first >= 24 and second <= 60 - 20 + 1, f"resumed run did not start from its checkpoint: {steps_per_attempt}"
     assert not list((tmp_path / "kill_artifacts").glob("*/checkpoint.pt*"))  # cleaned up at the end
 
 
@@ -195,7 +198,8 @@ def test_worker_deaths_are_recorded_and_the_others_go_on(tmp_path):
 
     assert wait_for(lambda: victim() is not None and query(db, "SELECT 1 FROM runs WHERE config='killed' AND fingerprint IS NOT NULL"), proc)
     victim().send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=300) == 0, db.with_suffix(".runner.log").read_text()[-2000:]
+    # Exit code 3 (devicediff.cli.EXIT_FAILED_RUNS): the study completed, and some runs failed.
+    assert proc.wait(timeout=300) == 3, db.with_suffix(".runner.log").read_text()[-2000:]
     got = {c: (s, e) for c, s, e in query(db, "SELECT config, state, error FROM runs")}
     assert got["ok"][0] == "finished"
     assert got["raises"][0] == "failed" and "planted failure at step 3" in got["raises"][1]
@@ -204,7 +208,7 @@ def test_worker_deaths_are_recorded_and_the_others_go_on(tmp_path):
     assert_store_sound(db)
     # A failure is a result: running again keeps them (no attempt is added).
     r = devicediff("run", str(study), "--store", str(db), "--set", "lr=1e6", "-q", cwd=tmp_path)
-    assert r.returncode == 0 and query(db, "SELECT sum(attempts) FROM runs") == [(4,)]
+    assert r.returncode == 3 and query(db, "SELECT sum(attempts) FROM runs") == [(4,)]
 
 
 # -- the runner killed again and again -------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def _store(args, *, create: bool = True, readonly: bool = False):
 
 
 def cmd_run(args) -> int:
+    t_cmd = time.perf_counter()
     from devicediff.executors import make_executor
     from devicediff.progress import Progress
     from devicediff.runner import preflight, run_study
@@ -57,7 +58,8 @@ def cmd_run(args) -> int:
     if args.executor == "ray" and args.jobs != 1:
         print(f"devicediff: note: --jobs {args.jobs} is for the local executor and is ignored with --executor ray, "
               "which runs as many runs at once as the cluster's CPUs and GPUs hold", file=sys.stderr)
-    executor = make_executor(args.executor, jobs=args.jobs, slots_per_gpu=args.gpu_slots, address=args.address)
+    executor = make_executor(args.executor, jobs=args.jobs, slots_per_gpu=args.gpu_slots, address=args.address,
+                             isolate=args.isolate)
     store = _store(args)
     console = wide_console()
     progress = Progress(enabled=not args.quiet, jobs=args.jobs)
@@ -70,8 +72,11 @@ def cmd_run(args) -> int:
                               only_configs=args.only, pythons=pythons,
                               on_look=lambda p: console.print(look_line(p), highlight=False))
         else:
-            run_study(study, store, store_path=args.store, executor=executor, retry_failed=args.retry_failed,
-                      progress=progress, only_configs=args.only, pythons=pythons)
+            res = run_study(study, store, store_path=args.store, executor=executor, retry_failed=args.retry_failed,
+                            progress=progress, only_configs=args.only, pythons=pythons)
+            show_efficiency(console, store, study, res, time.perf_counter() - t_cmd, args.jobs)
+        for name, why in getattr(executor, "fallbacks", {}).items():
+            console.print(f"config {name}: one process per run ({why})", highlight=False)
         print_study(console, study, store)
         store_arg = "" if args.store == "devicediff.db" else f" --store {args.store}"
         console.print(f"runs stored in {args.store}; next: devicediff report{store_arg} --out report/", highlight=False)
@@ -84,6 +89,20 @@ def cmd_run(args) -> int:
               f"exit {EXIT_FAILED_RUNS}", file=sys.stderr)
         return EXIT_FAILED_RUNS
     return 0
+
+
+def show_efficiency(console, store, study, res, wall: float, slots: int) -> None:
+    """Σ(train + eval) ÷ (wall × slots) of this invocation, printed and stored for the report."""
+    from devicediff.analysis.efficiency import describe, efficiency
+
+    runs = store.runs(study.study_id)
+    runs = runs[runs["run_id"].isin(list(res.states))].copy()
+    if runs.empty:
+        return
+    runs["timing"] = runs["run_id"].map(res.timing)
+    e = efficiency(runs, wall, slots)
+    console.print(describe(e), highlight=False)
+    store.put_analysis(study.study_id, "efficiency", f"{time.time():.3f}", e)
 
 
 def failed_runs(store, study, only: list[str] | None) -> int:
@@ -319,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wheelhouse", metavar="DIR", help="build package environments (packages = [...]) from these wheels only")
     r.add_argument("--name", default=None, help="store the study under this name (e.g. a variant of a preset)")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    r.add_argument("--isolate", action="store_true",
+                   help="a fresh worker process for every run (default: one warm worker per config and slot)")
     r.set_defaults(func=cmd_run)
 
     st = with_store(sub.add_parser("status", help="what the store holds"))

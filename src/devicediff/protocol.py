@@ -1,7 +1,7 @@
 """The record stream between a run's worker process and the parent.
 
-A worker (any framework, any Python environment) receives one *job* as JSON on
-stdin and writes *records*, one JSON object per line, to the file descriptor
+A worker (any framework, any Python environment) receives *jobs* as JSON lines on
+stdin (one line: a single run; several: a warm worker runs them one after another) and writes *records*, one JSON object per line, to the file descriptor
 named by ``DEVICEDIFF_RECORD_FD`` (stdout and stderr stay free for library
 chatter, which goes to the run's log). The parent is the only store writer.
 
@@ -11,7 +11,7 @@ environments (Chainer 7.8 with numpy<2) load it too.
 Record kinds (every record has ``"kind"``):
 
 =============  =================================================================
-``started``    ``pid``; first record
+``started``    ``pid``, ``run_id``, ``process_run`` (the how-many-th run of this process); first record of a run
 ``env``        ``fingerprint``: environment facts (CPU, GPU, driver, versions)
 ``effective``  ``settings``: what took effect (threads, BLAS pools, cuDNN/TF32 flags)
 ``init``       ``sha256`` of the initial weights (built on CPU)
@@ -23,7 +23,7 @@ Record kinds (every record has ``"kind"``):
                ``sha256`` (state after the step), ``parity``, ``random``, ``random_modules``,
                ``random_devices``, ``random_generators``
 ``done``       ``state`` (finished/failed/skipped), ``error``, ``final_sha256``,
-               ``wall_time``, ``threads_used``
+               ``wall_time``, ``threads_used``, ``timing`` (startup, import, setup, train, eval, ...)
 =============  =================================================================
 """
 

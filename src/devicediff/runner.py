@@ -108,6 +108,8 @@ class StudyRun:
     started: int = 0
     kept: int = 0
     states: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)  # run_id -> the done record's timing split
+    wall: float = 0.0
 
     @property
     def failed(self) -> int:
@@ -189,6 +191,7 @@ def run_study(
                 prog.step(task.label, rec["step"], rec["total"])
             elif kind == "done":
                 result.states[task.run_id] = rec.get("state")
+                result.timing[task.run_id] = rec.get("timing")
                 prog.finish(task.label, rec.get("state", FAILED), rec.get("error"))
     except KeyboardInterrupt:
         for task in tasks:
@@ -196,5 +199,6 @@ def run_study(
                 store.update_run(task.run_id, state=INTERRUPTED, error="interrupted (Ctrl-C); runs again on resume")
         raise
     finally:
-        prog.end(time.time() - t0)
+        result.wall = time.time() - t0
+        prog.end(result.wall)
     return result

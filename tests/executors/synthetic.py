@@ -8,6 +8,9 @@ draw random numbers during training:
 - ``fail_at_step``: raise at that (1-based) step of this process;
 - ``noisy``: add Gaussian noise to the inputs from torch's global RNG, so a
   resumed run matches an uninterrupted one only if the RNG state is restored;
+- ``leak``: at the end of the run (``artifacts``) set torch's default dtype to float64 and
+  leave it so: a later run in the same process builds a float64 model unless the warm
+  worker's reset puts the default back (tests/executors/test_warm.py);
 - ``DEVICEDIFF_TEST_TRACE`` (environment): a file to which every training step
   appends this process's pid, so a test can count the steps each attempt ran.
 
@@ -33,7 +36,7 @@ class Synthetic(Workload):
 
     def __init__(self, *, n: int = 640, dim: int = 16, hidden: int = 32, batch_size: int = 32, lr: float = 0.05,
                  optimizer: str = "adam", step_delay: float = 0.0, fail_at_step: int | None = None,
-                 noisy: bool = False):
+                 noisy: bool = False, leak: bool = False):
         rng = np.random.default_rng(7)
         w = rng.standard_normal(dim).astype(np.float32)
         x = rng.standard_normal((n, dim)).astype(np.float32)
@@ -43,6 +46,7 @@ class Synthetic(Workload):
         self.xe, self.ye = torch.from_numpy(x[split:]), torch.from_numpy(y[split:].astype(np.float32))
         self.dim, self.hidden, self.batch_size, self.lr = dim, hidden, batch_size, lr
         self.optimizer, self.step_delay, self.fail_at_step, self.noisy = optimizer, step_delay, fail_at_step, noisy
+        self.leak = leak
         self.calls = 0
         self.trace = os.environ.get("DEVICEDIFF_TEST_TRACE")
 
@@ -80,6 +84,11 @@ class Synthetic(Workload):
         if self.noisy:
             x = x + 0.01 * torch.randn(x.shape).to(x.device)
         return torch.mean((model(x).squeeze(-1) - y) ** 2)
+
+    def artifacts(self, model, device, outdir):
+        if self.leak:
+            torch.set_default_dtype(torch.float64)  # left set on purpose
+        return {}
 
     def evaluate(self, model, device):
         pred = model(self.xe.to(device)).squeeze(-1)

@@ -58,11 +58,21 @@ class FakeWorkers:
             del self.running[task.run_id]
         emit({"kind": "done", "state": "finished", "final_sha256": "x"})
 
+    def session(self, first, next_task, env, cores, emit, on_start=None):
+        """Stands in for ``run_session``: the warm worker's tasks, one after another."""
+        task = first
+        while task is not None:
+            self(task, env, cores, lambda rec: emit(task, rec))  # noqa: B023 - called at once
+            self.sessions.setdefault(id(emit), []).append(task.run_id)
+            task = next_task()
+
 
 @pytest.fixture
 def fake(monkeypatch):
     fw = FakeWorkers()
+    fw.sessions = {}
     monkeypatch.setattr(local_mod, "run_worker", fw)
+    monkeypatch.setattr(local_mod, "run_session", fw.session)
     return fw
 
 

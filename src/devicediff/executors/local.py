@@ -14,6 +14,13 @@ Sharing out the machine:
 - A task waits until its cores and GPU slot are free; at most ``jobs`` run at
   once. A task bigger than the machine runs alone with every core.
 
+Warm workers (``devicediff.executors.warm``): each *slot* (cores + GPU slot) runs one
+config's cells one after another in one worker process, taking the next cell of
+that config as soon as one ends, until none is left; then it gives its cores
+back. Several slots may run the same config. Configs whose process state cannot
+be reset, and every run with ``isolate=True`` (``--isolate``), get a fresh
+process per run. Each run's ``effective.placement.worker`` says which.
+
 Every worker runs in a session of its own. It dies with the thread that
 started it (Linux ``PR_SET_PDEATHSIG``), so a runner killed by ``SIGKILL``
 leaves no orphan behind that could write checkpoints or artifacts; elsewhere
@@ -29,11 +36,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Callable, Iterator
 
 from devicediff.executors.base import Executor, Task, describe_exit, log_tail, worker_env
+from devicediff.executors.warm import isolation_reason, run_session, warm_key
 from devicediff.job import Job
 from devicediff.protocol import FAILED, RECORD_FD_ENV, SKIPPED, read_records
+from devicediff.worker import SPAWNED_ENV
 
 CORES_ENV = "DEVICEDIFF_CORES"
 PARENT_ENV = "DEVICEDIFF_PARENT_PID"
@@ -99,10 +109,10 @@ def place_job(job: Job, gpu: str | None) -> tuple[Job, dict]:
     return job, note
 
 
-def spawn_worker(task: Task, env: dict, cores: list[int] | None) -> tuple[subprocess.Popen, int]:
-    """Start the worker with the job on stdin and a record pipe; returns ``(proc, read_fd)``."""
+def start_worker(task: Task, env: dict, cores: list[int] | None) -> tuple[subprocess.Popen, int]:
+    """Start a worker (jobs go to its stdin) with a record pipe; returns ``(proc, read_fd)``."""
     r, w = os.pipe()
-    env = {**env, RECORD_FD_ENV: str(w), PARENT_ENV: str(os.getpid())}
+    env = {**env, RECORD_FD_ENV: str(w), PARENT_ENV: str(os.getpid()), SPAWNED_ENV: repr(time.time())}
     env.pop(CORES_ENV, None)
     if cores and hasattr(os, "sched_setaffinity"):
         env[CORES_ENV] = ",".join(map(str, cores))
@@ -118,8 +128,14 @@ def spawn_worker(task: Task, env: dict, cores: list[int] | None) -> tuple[subpro
         raise
     finally:
         os.close(w)
+    return proc, r
+
+
+def spawn_worker(task: Task, env: dict, cores: list[int] | None) -> tuple[subprocess.Popen, int]:
+    """Start a worker for this one job (the end of its input follows); returns ``(proc, read_fd)``."""
+    proc, r = start_worker(task, env, cores)
     try:
-        proc.stdin.write(task.job.to_json().encode())
+        proc.stdin.write(task.job.to_json().encode() + b"\n")
         proc.stdin.close()
     except BrokenPipeError:  # the worker died at once; its exit code says why
         pass
@@ -173,13 +189,26 @@ def run_worker(
         emit({"kind": "done", "state": FAILED, "error": describe_exit(code) + (": " + " | ".join(tail) if tail else "")})
 
 
+class _Slot:
+    """Cores and a GPU slot held by one worker thread, running tasks of one warm key (or one task)."""
+
+    def __init__(self, key: str | None, cores: list[int], gpu: str | None):
+        self.key, self.cores, self.gpu = key, cores, gpu
+        self.inbox: queue.Queue = queue.Queue()
+        self.tasks: list[Task] = []  # handed to this slot, in order
+        self.error: str | None = None
+
+
 class LocalExecutor(Executor):
-    def __init__(self, *, jobs: int = 1, slots_per_gpu: int = 1, pin_cores: bool | None = None):
+    def __init__(self, *, jobs: int = 1, slots_per_gpu: int = 1, pin_cores: bool | None = None,
+                 isolate: bool = False):
         self.jobs = max(1, int(jobs))
         self.slots_per_gpu = max(1, int(slots_per_gpu))
         # Pin only when running several at once: a lone run keeps the cores it was given.
         self.pin_cores = (self.jobs > 1) if pin_cores is None else pin_cores
-        self._procs: dict[str, subprocess.Popen] = {}
+        self.isolate = bool(isolate)  # one fresh process per run (--isolate)
+        self.fallbacks: dict[str, str] = {}  # config name -> why its runs got a process each
+        self._procs: dict[int, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self._closing = False
 
@@ -195,12 +224,21 @@ class LocalExecutor(Executor):
         best = max(gpus, key=lambda g: slots[g])  # spread: the GPU with most free slots
         return slots[best] > 0, best
 
+    def _keys(self, tasks: list[Task]) -> dict[str, str | None]:
+        """Each task's warm key; None for a task that runs in a process of its own."""
+        keys: dict[str, str | None] = {}
+        for task in tasks:
+            reason = "--isolate" if self.isolate else isolation_reason(task)
+            keys[task.run_id] = None if reason else warm_key(task)
+            if reason and not self.isolate:
+                self.fallbacks[str(task.job.config.get("name", task.run_id))] = reason
+        return keys
+
     # -- run -----------------------------------------------------------------------------------
     def execute(self, tasks: list[Task]) -> Iterator[tuple[Task, dict]]:
         cores_all = available_cores()
-        free_cores = list(cores_all)
-        gpus = visible_gpus()
-        slots = {g: self.slots_per_gpu for g in gpus}
+        free = {"cores": list(cores_all), "gpus": {g: self.slots_per_gpu for g in visible_gpus()}}
+        gpus = list(free["gpus"])
         out: queue.Queue = queue.Queue()
         pending: list[Task] = []
         for task in tasks:
@@ -210,78 +248,125 @@ class LocalExecutor(Executor):
                              "error": f"config asks for cuda:{want} but this machine shows {len(gpus)} GPU(s)"}
             else:
                 pending.append(task)
-        held: dict[str, tuple[list[int], str | None]] = {}
-
-        def start(task: Task, cores: list[int], gpu: str | None) -> None:
-            job, note = place_job(task.job, gpu)
-            pinned = cores if self.pin_cores else None
-            placement = {"executor": "local", **note, "cores": pinned}
-            env = worker_env(job, gpu_index=gpu)
-            wtask = Task(**{**task.__dict__, "job": job})
-
-            def emit(rec: dict) -> None:
-                if rec.get("kind") == "effective" and isinstance(rec.get("settings"), dict):
-                    rec = {**rec, "settings": {**rec["settings"], "placement": placement}}
-                out.put((task, rec))
-
-            def register(proc: subprocess.Popen) -> None:
-                with self._lock:
-                    self._procs[task.run_id] = proc
-                    closing = self._closing
-                if closing:  # started just as the executor was stopped
-                    kill_worker(proc)
-
-            def body() -> None:
-                try:
-                    out.put((task, {"kind": "effective", "settings": {"placement": placement}}))
-                    run_worker(wtask, env, pinned, emit, on_start=register)
-                except BaseException as e:  # noqa: BLE001 - a run's failure is a record
-                    out.put((task, {"kind": "done", "state": FAILED, "error": f"executor: {type(e).__name__}: {e}"}))
-                finally:
-                    with self._lock:
-                        self._procs.pop(task.run_id, None)
-                    out.put((task, None))  # finished: release its resources
-
-            # The worker dies with this thread (PR_SET_PDEATHSIG), which lives until the worker ends.
-            threading.Thread(target=body, daemon=True, name=f"run-{task.run_id}").start()
-
-        running = 0
+        keys = self._keys(pending)
+        running: list[_Slot] = []
         finished: set[str] = set()
+        store_time: dict[str, float] = {}
         self._closing = False
         try:
             while pending or running:
-                i = 0
-                while i < len(pending) and running < self.jobs:
-                    task = pending[i]
-                    need = min(max(1, task.cpus), len(cores_all))
-                    ok, gpu = self._pick_gpu(task, gpus, slots)
-                    if not ok or (len(free_cores) < need and running):
-                        i += 1
-                        continue
-                    cores = free_cores[:need]
-                    del free_cores[:need]
-                    if gpu is not None:
-                        slots[gpu] -= 1
-                    held[task.run_id] = (cores, gpu)
-                    pending.pop(i)
-                    running += 1
-                    start(task, cores, gpu)
-                task, rec = out.get()
-                if rec is None:
-                    cores, gpu = held.pop(task.run_id)
-                    free_cores = sorted(free_cores + cores)
-                    if gpu is not None:
-                        slots[gpu] += 1
-                    running -= 1
+                self._start_fitting(pending, keys, free, len(cores_all), running, out)
+                msg = out.get()
+                if msg[0] == "next":  # a warm slot finished a run: the next cell of its config, if any
+                    slot = msg[1]
+                    i = next((i for i, t in enumerate(pending) if keys[t.run_id] == slot.key), None)
+                    slot.inbox.put(None if i is None else pending.pop(i))
                     continue
-                if task.run_id in finished:
-                    continue
-                if rec.get("kind") == "done":
-                    finished.add(task.run_id)
-                yield task, rec
+                if msg[0] == "end":
+                    slot = msg[1]
+                    running.remove(slot)
+                    free["cores"] = sorted(free["cores"] + slot.cores)
+                    if slot.gpu is not None:
+                        free["gpus"][slot.gpu] += 1
+                    msg = ("lost", slot)
+                for task, rec in self._records(msg, finished):
+                    if rec.get("kind") == "done":
+                        finished.add(task.run_id)
+                        rec = {**rec, "timing": {**(rec.get("timing") or {}), "store": round(store_time.get(task.run_id, 0.0), 6)}}
+                    t = time.perf_counter()
+                    yield task, rec
+                    store_time[task.run_id] = store_time.get(task.run_id, 0.0) + time.perf_counter() - t
         finally:
             # Closed early (the parent failed or was interrupted): stop what still runs.
             self.kill_all()
+
+    @staticmethod
+    def _records(msg: tuple, finished: set[str]) -> Iterator[tuple[Task, dict]]:
+        """The records a message carries: a worker's, or a ``done`` for each task an ended slot
+        was given and never finished (the executor itself failed there)."""
+        if msg[0] == "rec":
+            if msg[1].run_id not in finished:
+                yield msg[1], msg[2]
+            return
+        slot = msg[1]
+        for task in slot.tasks:
+            if task.run_id not in finished:
+                yield task, {"kind": "done", "state": FAILED, "error": f"executor: {slot.error or 'the run ended without a result'}"}
+
+    def _start_fitting(self, pending: list[Task], keys: dict, free: dict, n_cores: int, running: list[_Slot],
+                       out: queue.Queue) -> None:
+        """Start a slot for each pending task (in order) whose cores and GPU slot are free."""
+        i = 0
+        while i < len(pending) and len(running) < self.jobs:
+            task = pending[i]
+            need = min(max(1, task.cpus), n_cores)
+            ok, gpu = self._pick_gpu(task, list(free["gpus"]), free["gpus"])
+            if not ok or (len(free["cores"]) < need and running):
+                i += 1
+                continue
+            cores = free["cores"][:need]
+            del free["cores"][:need]
+            if gpu is not None:
+                free["gpus"][gpu] -= 1
+            pending.pop(i)
+            slot = _Slot(keys[task.run_id], cores, gpu)
+            running.append(slot)
+            self._start_slot(slot, task, out)
+
+    def _start_slot(self, slot: _Slot, first: Task, out: queue.Queue) -> None:
+        """A thread that runs ``first`` (and, warm, the further tasks of its key) and then ends the slot.
+        Its workers die with it (PR_SET_PDEATHSIG); it lives until they end."""
+        pinned = slot.cores if self.pin_cores else None
+        reason = None if slot.key is not None else ("--isolate" if self.isolate else isolation_reason(first))
+        originals: dict[str, Task] = {}
+        placements: dict[str, dict] = {}
+
+        def placed(task: Task) -> Task:
+            """The task as its worker sees it (device rewritten for the visible GPU); noted."""
+            slot.tasks.append(task)
+            job, note = place_job(task.job, slot.gpu)
+            placements[task.run_id] = {"executor": "local", **note, "cores": pinned}
+            if reason:
+                placements[task.run_id]["worker"] = {"mode": "isolated", "reason": reason}
+            originals[task.run_id] = task
+            return Task(**{**task.__dict__, "job": job})
+
+        def emit(task: Task, rec: dict) -> None:
+            if rec.get("kind") == "effective" and isinstance(rec.get("settings"), dict):
+                place = {**placements[task.run_id], **(rec["settings"].get("placement") or {})}
+                placements[task.run_id] = place
+                rec = {**rec, "settings": {**rec["settings"], "placement": place}}
+            out.put(("rec", originals[task.run_id], rec))
+
+        def register(proc: subprocess.Popen) -> None:
+            with self._lock:
+                self._procs[id(slot)] = proc
+                closing = self._closing
+            if closing:  # started just as the executor was stopped
+                kill_worker(proc)
+
+        def next_task() -> Task | None:
+            out.put(("next", slot))
+            task = slot.inbox.get()
+            return None if task is None else placed(task)
+
+        def body() -> None:
+            try:
+                task = placed(first)
+                emit(task, {"kind": "effective", "settings": {"placement": {}}})
+                env = worker_env(task.job, gpu_index=slot.gpu)  # the same for every task of a warm key
+                if slot.key is None:
+                    run_worker(task, env, pinned, lambda rec: emit(task, rec), on_start=register)
+                else:
+                    run_session(task, next_task, env, pinned, emit, on_start=register)
+            except BaseException as e:  # noqa: BLE001 - a run's failure is a record (made at "end")
+                slot.error = f"{type(e).__name__}: {e}"
+            finally:
+                with self._lock:
+                    self._procs.pop(id(slot), None)
+                out.put(("end", slot))
+
+        threading.Thread(target=body, daemon=True, name=f"slot-{first.run_id}").start()
 
     def kill_all(self) -> None:
         with self._lock:

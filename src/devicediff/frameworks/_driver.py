@@ -208,7 +208,9 @@ def train(b: Backend, t_start: float) -> None:
     the schedule, and end with the ``done`` record."""
     writer = b.writer
     every = max(1, int(b.job.budget.get("metric_every", 10)))
+    t_first = time.perf_counter()
     start = load_checkpoint(b)
+    t_loaded = time.perf_counter()
     if start == 0:
         evaluate(b, 0)
     writer.emit("progress", step=start, total=b.total_steps)
@@ -216,7 +218,7 @@ def train(b: Backend, t_start: float) -> None:
     sampler = ThreadSampler()
     b.sync()
     t_train = time.perf_counter()
-    side = 0.0  # seconds spent in evaluation and checkpoints, not training steps
+    side = {"eval": 0.0, "checkpoint": 0.0}  # seconds in the loop spent outside training steps
     for step, batch in batches_from(b.workload, b.job.data_seed, b.steps_per_epoch, start, b.total_steps):
         loss = b.train_step(step, batch)
         done = step + 1
@@ -226,25 +228,28 @@ def train(b: Backend, t_start: float) -> None:
             writer.emit("progress", step=done, total=b.total_steps)
             if not math.isfinite(value):
                 raise FloatingPointError(f"diverged: train_loss is {value} at step {done}")
-        if eval_due(b, done) or checkpoint_due(b, done):
-            b.sync()
-            t_side = time.perf_counter()
-            if eval_due(b, done):
-                evaluate(b, done)
-            if checkpoint_due(b, done):
-                save_checkpoint(b, done)
-            b.sync()
-            side += time.perf_counter() - t_side
+        for due, part, act in ((eval_due, "eval", evaluate), (checkpoint_due, "checkpoint", save_checkpoint)):
+            if due(b, done):
+                b.sync()
+                t_side = time.perf_counter()
+                act(b, done)
+                b.sync()
+                side[part] += time.perf_counter() - t_side
     b.sync()
-    train_time = time.perf_counter() - t_train - side
+    t_end = time.perf_counter()
+    train_time = t_end - t_train - side["eval"] - side["checkpoint"]
 
     for name, path in b.artifacts().items():
         writer.emit("artifact", name=name, path=str(path))
     if b.job.checkpoint_path and os.path.exists(b.job.checkpoint_path):
         os.remove(b.job.checkpoint_path)  # nothing left to resume
-    writer.emit("done", state=FINISHED, final_sha256=b.state_sha256(), wall_time=time.perf_counter() - t_start,
+    final = b.state_sha256()
+    # Where the run's time went (s): eval includes step 0's, checkpoint the one read at the start.
+    timing = {"train": train_time, "eval": side["eval"] + t_train - t_loaded,
+              "checkpoint": side["checkpoint"] + t_loaded - t_first, "finish": time.perf_counter() - t_end}
+    writer.emit("done", state=FINISHED, final_sha256=final, wall_time=time.perf_counter() - t_start,
                 train_time=train_time, steps_run=b.total_steps - start, resumed_from=start,
-                threads_used=sampler.report())
+                threads_used=sampler.report(), timing={k: round(v, 6) for k, v in timing.items()})
 
 
 # -- lockstep ------------------------------------------------------------------------------------------
@@ -268,9 +273,17 @@ class LockstepSide(ABC):
     @abstractmethod
     def restore_carried(self, state: Any) -> None: ...
 
+    #: what the last first-run ``step`` found out, sent with the step's ``lockstep`` record:
+    #: ``parity`` (step 1: None, or ``{"tensor", "rel"}`` where the faithful replay differs),
+    #: ``random`` (draws on the framework's generators, described), ``random_modules``,
+    #: ``random_devices``, ``random_generators``
+    info: dict = {}
+
     @abstractmethod
     def step(self, step: int, batch: Any, lr: float | None) -> dict[str, np.ndarray]:
-        """The config's step with recorders: ``fwd/``, ``loss/``, ``grad/``, ``weight/`` arrays."""
+        """The config's step with recorders: ``fwd/``, ``loss/``, ``grad/`` arrays and what carries
+        over (``weight/``, ``buffer/``, ``optim/``, ``scaler/``, ``carry/``), plus the side's
+        rounding model (``local/``) where it has one. Called again for a repeat."""
 
     @abstractmethod
     def reference_step(self, step: int, batch: Any, lr: float | None) -> dict[str, np.ndarray]:
@@ -278,7 +291,7 @@ class LockstepSide(ABC):
 
     @abstractmethod
     def free_step(self, step: int, batch: Any, lr: float | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The free-running copy's step: (loss, {weight name: array})."""
+        """The free-running copy's step: (loss, {weight name or "kind/name": array})."""
 
     def learning_rate(self, step: int) -> float | None:
         return self.backend.workload.learning_rate(step, self.backend.total_steps)
@@ -307,11 +320,11 @@ def lockstep(side: LockstepSide, t_start: float) -> None:
     pending = None
 
     def announce(p) -> None:
-        fut, s, tm = p
+        fut, s, tm, extra = p
         path, dt = fut.result()
         tm["write"] = dt
         writer.emit("lockstep", step=s, path=str(path), total=spec.steps,
-                    timing={k: round(v, 6) for k, v in tm.items()})
+                    timing={k: round(v, 6) for k, v in tm.items()}, **extra)
 
     batches = endless_batches(b.workload, b.job.data_seed)
     try:
@@ -326,6 +339,9 @@ def lockstep(side: LockstepSide, t_start: float) -> None:
             timing["sync"] = time.perf_counter() - t0
             carried = side.carried_state()
             res = side.step(step, batch, lr)
+            # the working state after the step, hashed as in a normal run: the parent checks
+            # that bitwise-equal tensors mean equal states
+            extra = {"sha256": b.state_sha256(), **dict(getattr(side, "info", None) or {})}
             b.sync()
             t1 = time.perf_counter()
             timing["config"] = t1 - t0 - timing["sync"]
@@ -356,7 +372,7 @@ def lockstep(side: LockstepSide, t_start: float) -> None:
                 announce(pending)
             timing["wait"] = time.perf_counter() - t5
             timing["total"] = time.perf_counter() - t0
-            pending = (pool.submit(_timed_write, spec.dir, step, arrays), step, timing)
+            pending = (pool.submit(_timed_write, spec.dir, step, arrays), step, timing, extra)
         if pending is not None:
             announce(pending)
     finally:
