@@ -221,6 +221,8 @@ def go(j, crash_after_checkpoint=False):
         _driver.save_checkpoint = save_then_crash
     try:
         run_job(Job.from_dict(j), RecordWriter(buf))
+    except KeyboardInterrupt:  # recorded as failed, then passed on (a warm worker must stop)
+        pass
     finally:
         _driver.save_checkpoint = saved
     return [json.loads(l) for l in buf.getvalue().splitlines()]
