@@ -179,3 +179,23 @@ def test_verdicts_csv_is_the_loaders_table(tmp_path):
     got = pd.read_csv(tmp_path / "ex" / "verdicts.csv")
     assert list(got["config"]) == list(v["config"]) and list(got["verdict"]) == list(v["verdict"])
     np.testing.assert_array_equal(got["p_adj"].to_numpy(), v["p_adj"].to_numpy(dtype=float))
+
+
+def test_churn_is_exported_when_runs_saved_predictions(tmp_path):
+    """Issue 16: the export holds the churn against the seed-churn floor, per config."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "report"))
+    from predictions_synth import make_store
+
+    from devicediff.export import export
+
+    store = make_store(tmp_path / "p.db", tmp_path / "files")
+    try:
+        paths = export(store, tmp_path / "out")
+    finally:
+        store.close()
+    assert [p.name for p in paths] == ["runs.csv", "metrics.csv", "verdicts.csv", "churn.csv"]
+    churn = pd.read_csv(tmp_path / "out" / "churn.csv")
+    assert {"study", "config", "churn_mean", "floor_mean", "verdict"} <= set(churn.columns)
+    assert len(churn) >= 1 and churn["floor_mean"].gt(0).all()

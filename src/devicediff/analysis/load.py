@@ -380,3 +380,42 @@ class StoreView:
 
     def __exit__(self, *exc) -> None:
         self.store.close()
+
+
+def run_arrays(runs: pd.DataFrame, artifacts: pd.DataFrame, name: str) -> dict:
+    """``{(config, seed): array}`` of the ``.npy`` artifact ``name`` (e.g. a classifier's held-out
+    ``predictions``) over the finished first runs (repeat 0); unreadable files are left out."""
+    import numpy as np
+
+    if artifacts is None or artifacts.empty or runs is None or runs.empty:
+        return {}
+    fin = runs[(runs["state"] == "finished") & (runs["repeat"] == 0)]
+    a = artifacts[artifacts["name"] == name].merge(fin[["run_id", "config", "seed"]], on="run_id")
+    out = {}
+    for cfg, seed, path in zip(a["config"], a["seed"], a["path"]):
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, TypeError):
+            continue
+        out.setdefault((str(cfg), int(seed)), arr)
+    return out
+
+
+def churn(store: Store) -> pd.DataFrame:
+    """Every study's prediction churn against its reference (``analysis.churn.churn_table``), from
+    the runs' ``predictions`` artifacts; empty when no run saved predictions."""
+    from devicediff.analysis.churn import churn_table
+
+    parts = []
+    for _, s in store.studies().iterrows():
+        runs = store.runs(s["study_id"])
+        if runs.empty:
+            continue
+        preds = run_arrays(runs, store.artifacts(list(runs["run_id"])), "predictions")
+        ref = (s["definition"] or {}).get("reference")
+        if preds and ref and any(c == ref for c, _ in preds):
+            t = churn_table(preds, ref)
+            t.insert(0, "study_id", s["study_id"])
+            t.insert(0, "study", s["name"])
+            parts.append(t)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()

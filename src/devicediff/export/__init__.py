@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from devicediff.analysis.frames import per_run
+from devicediff.analysis.load import churn as study_churn
 from devicediff.analysis.load import verdicts as study_verdicts
 from devicediff.errors import UsageError
 from devicediff.store import Store
@@ -76,7 +77,8 @@ def verdict_table(store: Store) -> pd.DataFrame:
 
 
 def export(store: Store, out: Path, *, fmt: str = "csv") -> list[Path]:
-    """Write ``out/runs.<fmt>``, ``out/metrics.<fmt>`` and ``out/verdicts.<fmt>``; return their paths."""
+    """Write ``out/runs.<fmt>``, ``out/metrics.<fmt>``, ``out/verdicts.<fmt>`` and, when runs saved
+    held-out predictions, ``out/churn.<fmt>``; return their paths."""
     out = Path(out)
     if fmt not in ("csv", "parquet"):
         raise UsageError(f"--format {fmt!r} unknown; use csv or parquet")
@@ -89,6 +91,9 @@ def export(store: Store, out: Path, *, fmt: str = "csv") -> list[Path]:
         raise UsageError(f"--out {out}: exists and is not a folder; give a folder path (the tables are written into it)")
     tables = (("runs", run_table(store)), ("metrics", store.metrics()[["run_id", "step", "name", "value"]]),
               ("verdicts", verdict_table(store)))
+    churn = study_churn(store)
+    if not churn.empty:  # classifiers: do predictions change more than a seed change would?
+        tables += (("churn", churn),)
 
     made = _make_folder(out)
     paths, tmps = [], []

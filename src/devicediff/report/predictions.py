@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from devicediff.analysis.load import run_arrays
+
 PRED_ARTIFACT = "predictions"
 LABELS_ARTIFACT = "labels"
 N_DISAGREE = 16
@@ -31,27 +33,6 @@ class Predictions:
     image_note: str = ""  # why there are no images, or where they came from
     n_inputs: int = 0
     problems: list[str] = field(default_factory=list)
-
-
-def _load_npy(path) -> np.ndarray | None:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def load_arrays(runs: pd.DataFrame, artifacts: pd.DataFrame, name: str = PRED_ARTIFACT) -> dict:
-    """{(config, seed): array} of artifact ``name`` over the finished first runs (repeat 0)."""
-    if artifacts is None or artifacts.empty or runs is None or runs.empty:
-        return {}
-    fin = runs[(runs["state"] == "finished") & (runs["repeat"] == 0)]
-    a = artifacts[artifacts["name"] == name].merge(fin[["run_id", "config", "seed"]], on="run_id")
-    out = {}
-    for cfg, seed, path in zip(a["config"], a["seed"], a["path"]):
-        arr = _load_npy(path)
-        if arr is not None and (cfg, int(seed)) not in out:
-            out[(str(cfg), int(seed))] = arr
-    return out
 
 
 def _labels_of(arr: np.ndarray) -> np.ndarray:
@@ -129,13 +110,13 @@ def _images_for(d: pd.DataFrame, params: dict, labels: np.ndarray | None, n: int
 
 def analyse_predictions(data, reference: str) -> Predictions | None:
     """Everything the predictions section shows, or None when no run saved predictions."""
-    preds = load_arrays(data.runs, data.artifacts)
+    preds = run_arrays(data.runs, data.artifacts, PRED_ARTIFACT)
     if not preds:
         return None
     from devicediff.analysis import churn as ch
 
     out = Predictions()
-    labels_all = load_arrays(data.runs, data.artifacts, LABELS_ARTIFACT)
+    labels_all = run_arrays(data.runs, data.artifacts, LABELS_ARTIFACT)
     labels = next((np.asarray(v).ravel() for (c, _), v in labels_all.items() if c == reference), None)
     out.n_inputs = len(_labels_of(next(iter(preds.values()))))
     try:
