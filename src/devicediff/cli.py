@@ -309,7 +309,7 @@ def positive_int(text: str) -> int:
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: one block per command, read as a table
     p = argparse.ArgumentParser(prog="devicediff", description="Does the hardware or software configuration change "
                                 "what my network learns? Train a workload under a matrix of execution configs and seeds, "
                                 "get a verdict, and find where two configs part ways.")

@@ -257,6 +257,93 @@ def summary_line(s: dict) -> str:
     return line
 
 
+class _Collector:
+    """What the two sides report, and the comparison of each step as soon as both have written it
+    (the step files are deleted after, unless ``keep_files``)."""
+
+    def __init__(self, steps: int, threshold: float, free: bool, keep_files: bool, on_step):
+        self.steps, self.threshold, self.free, self.keep_files, self.on_step = steps, threshold, free, keep_files, on_step
+        self.arrived: dict[str, dict[int, str]] = {s: {} for s in SIDES}
+        self.timing: dict[str, dict[int, dict]] = {s: {} for s in SIDES}
+        self.info: dict[str, dict[int, dict]] = {s: {} for s in SIDES}
+        self.parity: dict[str, dict | None] = {}
+        self.done: dict[str, dict] = {}
+        self.effective: dict[str, dict] = {}
+        self.env: dict[str, dict] = {}
+        self.rows: list[Row] = []
+        self.free_rows: list[Row] = []
+        self.per_step: list[dict] = []
+        self.prev: dict = {"A": None, "B": None}
+        self.compare_time = 0.0
+        self.next = 1
+
+    def take(self, side: str, rec: dict) -> None:
+        kind = rec.get("kind")
+        if kind == "effective":
+            self.effective[side] = rec.get("settings", {})
+        elif kind == "env":
+            fp = rec.get("fingerprint", {})
+            self.env[side] = {k: fp.get(k) for k in ENV_FIELDS if k in fp}
+        elif kind == "lockstep":
+            step = int(rec["step"])
+            self.arrived[side][step] = rec["path"]
+            self.timing[side][step] = rec.get("timing", {})
+            self.info[side][step] = {k: rec.get(k) for k in INFO_FIELDS if rec.get(k) is not None}
+            if step == 1:
+                self.parity[side] = rec.get("parity")
+            if self.on_step:
+                self.on_step(side, step, self.steps)
+        elif kind == "done":
+            self.done[side] = rec
+        while self.next in self.arrived["A"] and self.next in self.arrived["B"]:
+            self._compare(self.next)
+            self.next += 1
+
+    def _compare(self, n: int) -> None:
+        tc = time.perf_counter()
+        fa, fb = read_step(self.arrived["A"][n]), read_step(self.arrived["B"][n])
+        ia, ib = self.info["A"].get(n, {}), self.info["B"].get(n, {})
+        step_rows = compare_step(fa, fb, n, self.threshold, ia, ib)
+        hr = hash_row(n, step_rows, ia.get("sha256"), ib.get("sha256"))
+        if hr is not None:
+            step_rows.append(hr)
+        step_free = compare_free(fa, fb, n, self.threshold) if self.free else []
+        gap = start_gap(self.prev["A"], self.prev["B"])
+        self.prev = {"A": _weights_only(fa), "B": _weights_only(fb)}
+        self.rows += step_rows
+        self.free_rows += step_free
+        if not self.keep_files:
+            for s in SIDES:
+                Path(self.arrived[s][n]).unlink(missing_ok=True)
+        dt = time.perf_counter() - tc
+        self.compare_time += dt
+        self.per_step.append(step_summary(n, step_rows, step_free, gap,
+                                          {"A": self.timing["A"].get(n, {}), "B": self.timing["B"].get(n, {}),
+                                           "compare": round(dt, 6)}))
+
+
+ENV_FIELDS = ("cpu_model", "cpu_count", "gpus", "cuda_runtime", "cudnn", "libraries")
+RULE = ("ratio = |A-B| / (|A-R_A| + |B-R_B| + |A-A'| + |B-B'| + floor); beyond rounding if ratio > threshold; "
+        "suspect if a side's own error (its op replayed in float64 on its own inputs) > "
+        f"{SUSPECT_FACTOR:g} x its rounding bound (|A|.|B| x u x reduction length); random if draws not shared")
+
+
+def _weights_only(arrs: dict) -> dict:
+    """What the next step's start gap needs of a step file."""
+    return {k: v for k, v in arrs.items() if k.startswith(("ref64/weight/", "weight/"))}
+
+
+def _check_sides(c: _Collector, cfgs: dict, tasks: dict, steps: int, workdir: Path) -> None:
+    for side in SIDES:
+        rec = c.done.get(side, {})
+        if rec.get("state") != FINISHED:
+            what = "was skipped" if rec.get("state") == "skipped" else "failed"
+            raise DivergeError(f"side {side} ({cfgs[side].name}) {what}: {rec.get('error') or 'no result'} "
+                               f"(log: {tasks[side].log_path})")
+    if c.next <= steps:
+        raise DivergeError(f"the sides wrote steps up to {c.next - 1} of {steps}; see {workdir}/*/worker.log")
+
+
 def diverge(
     study: Study,
     a: str,
@@ -290,7 +377,6 @@ def diverge(
     seed = study.seeds[0] if seed is None else int(seed)
     cells = {"A": study.cell(study.config(a), seed), "B": study.cell(study.config(b), seed)}
     cfgs = {side: c.config for side, c in cells.items()}
-    init_seed, data_seed = cells["A"].init_seed, cells["A"].data_seed
     pythons = preflight(study, [a, b])  # parameters, data and environments, before anything runs
     key = analysis_key(a, b, seed, steps)
     scratch = not workdir and (not store_path or store_path == ":memory:")  # a temporary folder of ours
@@ -298,113 +384,30 @@ def diverge(
     tasks = {side: _task(study, cells[side], side, workdir, steps, repeat, free, pythons[cfgs[side].name])
              for side in SIDES}
     side_of = {t.run_id: s for s, t in tasks.items()}
-
-    arrived: dict[str, dict[int, str]] = {s: {} for s in SIDES}
-    timing: dict[str, dict[int, dict]] = {s: {} for s in SIDES}
-    info: dict[str, dict[int, dict]] = {s: {} for s in SIDES}
-    parity: dict[str, dict | None] = {}
-    done: dict[str, dict] = {}
-    effective: dict[str, dict] = {}
-    env: dict[str, dict] = {}
-    rows: list[Row] = []
-    free_rows: list[Row] = []
-    per_step: list[dict] = []
-    prev = {"A": None, "B": None}
-    compare_time = 0.0
-    nxt = 1
+    c = _Collector(steps, threshold, free, keep_files, on_step)
     t0 = time.perf_counter()
-
-    def keep_for_gap(arrs: dict) -> dict:
-        return {k: v for k, v in arrs.items() if k.startswith(("ref64/weight/", "weight/"))}
-
     # Two at a time when the cores allow, never pinned: a side's thread count comes from its
     # config through worker_env, exactly as in `devicediff run` (which pins only with --jobs > 1).
     executor = LocalExecutor(jobs=2, pin_cores=False)
     try:
         for task, rec in executor.execute(list(tasks.values())):
-            side = side_of[task.run_id]
-            kind = rec.get("kind")
-            if kind == "effective":
-                effective[side] = rec.get("settings", {})
-            elif kind == "env":
-                fp = rec.get("fingerprint", {})
-                env[side] = {k: fp.get(k) for k in ("cpu_model", "cpu_count", "gpus", "cuda_runtime", "cudnn", "libraries") if k in fp}
-            elif kind == "lockstep":
-                arrived[side][int(rec["step"])] = rec["path"]
-                timing[side][int(rec["step"])] = rec.get("timing", {})
-                info[side][int(rec["step"])] = {k: rec.get(k) for k in INFO_FIELDS if rec.get(k) is not None}
-                if int(rec["step"]) == 1:
-                    parity[side] = rec.get("parity")
-                if on_step:
-                    on_step(side, int(rec["step"]), steps)
-            elif kind == "done":
-                done[side] = rec
-            while nxt in arrived["A"] and nxt in arrived["B"]:
-                tc = time.perf_counter()
-                fa, fb = read_step(arrived["A"][nxt]), read_step(arrived["B"][nxt])
-                ia, ib = info["A"].get(nxt, {}), info["B"].get(nxt, {})
-                step_rows = compare_step(fa, fb, nxt, threshold, ia, ib)
-                hr = hash_row(nxt, step_rows, ia.get("sha256"), ib.get("sha256"))
-                if hr is not None:
-                    step_rows.append(hr)
-                step_free = compare_free(fa, fb, nxt, threshold) if free else []
-                gap = start_gap(prev["A"], prev["B"])
-                prev = {"A": keep_for_gap(fa), "B": keep_for_gap(fb)}
-                rows += step_rows
-                free_rows += step_free
-                if not keep_files:
-                    for s in SIDES:
-                        Path(arrived[s][nxt]).unlink(missing_ok=True)
-                dt = time.perf_counter() - tc
-                compare_time += dt
-                per_step.append(step_summary(nxt, step_rows, step_free, gap,
-                                             {"A": timing["A"].get(nxt, {}), "B": timing["B"].get(nxt, {}),
-                                              "compare": round(dt, 6)}))
-                nxt += 1
+            c.take(side_of[task.run_id], rec)
     finally:
         executor.close()
     wall = time.perf_counter() - t0
-
-    for side in SIDES:
-        rec = done.get(side, {})
-        if rec.get("state") != FINISHED:
-            cfg = cfgs[side]
-            what = "was skipped" if rec.get("state") == "skipped" else "failed"
-            raise DivergeError(f"side {side} ({cfg.name}) {what}: {rec.get('error') or 'no result'} "
-                               f"(log: {tasks[side].log_path})")
-    if nxt <= steps:
-        raise DivergeError(f"the sides wrote steps up to {nxt - 1} of {steps}; see {workdir}/*/worker.log")
-
+    _check_sides(c, cfgs, tasks, steps, workdir)
     if scratch and not keep_files:
         shutil.rmtree(workdir, ignore_errors=True)  # kept above when a side failed: its log is the evidence
-    summary = summarize(rows, free_rows, per_step, a, b, threshold, parity,
+    summary = summarize(c.rows, c.free_rows, c.per_step, a, b, threshold, c.parity,
                         {side: cfgs[side].to_dict() for side in SIDES})
     payload = {
-        "study": study.name,
-        "study_id": study.study_id,
-        "workload": study.workload,
-        "a": a,
-        "b": b,
+        "study": study.name, "study_id": study.study_id, "workload": study.workload, "a": a, "b": b,
         "configs": {a: cfgs["A"].to_dict(), b: cfgs["B"].to_dict()} if a != b else {a: cfgs["A"].to_dict()},
-        "seed": seed,
-        "init_seed": init_seed,
-        "data_seed": data_seed,
-        "steps": steps,
-        "threshold": threshold,
-        "repeat": repeat,
-        "rule": "ratio = |A-B| / (|A-R_A| + |B-R_B| + |A-A'| + |B-B'| + floor); beyond rounding if ratio > threshold; "
-                "suspect if a side's own error (its op replayed in float64 on its own inputs) > "
-                f"{SUSPECT_FACTOR:g} x its rounding bound (|A|.|B| x u x reduction length); random if draws not shared",
-        "suspect_factor": SUSPECT_FACTOR,
-        "rows": [r.to_dict() for r in rows],
-        "free": [r.to_dict() for r in free_rows],
-        "per_step": per_step,
-        "summary": summary,
-        "effective": {"A": effective.get("A"), "B": effective.get("B")},
-        "env": env,
-        "wall_time": wall,
-        "compare_time": compare_time,
-        "workdir": str(workdir),
+        "seed": seed, "init_seed": cells["A"].init_seed, "data_seed": cells["A"].data_seed, "steps": steps,
+        "threshold": threshold, "repeat": repeat, "rule": RULE, "suspect_factor": SUSPECT_FACTOR,
+        "rows": [r.to_dict() for r in c.rows], "free": [r.to_dict() for r in c.free_rows], "per_step": c.per_step,
+        "summary": summary, "effective": {"A": c.effective.get("A"), "B": c.effective.get("B")}, "env": c.env,
+        "wall_time": wall, "compare_time": c.compare_time, "workdir": str(workdir),
     }
     if store is not None:
         store.put_study(study.study_id, study.name, study.to_dict())

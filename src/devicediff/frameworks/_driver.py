@@ -308,7 +308,7 @@ def _timed_write(outdir: str, step: int, arrays: dict) -> tuple[Any, float]:
     return path, time.perf_counter() - t
 
 
-def lockstep(side: LockstepSide, t_start: float) -> None:
+def lockstep(side: LockstepSide, t_start: float) -> None:  # long: one step's timed phases, in order
     """Run ``side`` for the job's lockstep steps, one step file each, then ``done``."""
     from devicediff.stepfiles import assemble_step
 

@@ -28,7 +28,7 @@ def _link_name(path: str) -> str:
     return path.strip("/").replace("/", ".")
 
 
-def _make_recorders(model):
+def _make_recorders(model):  # long: two small hook classes that close over the model
     import chainer
 
     from devicediff.stepfiles import MODEL_NAME

@@ -481,7 +481,7 @@ def _scaler_state(scaler) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(float(sd[k]), dtype=torch.float64) for k in ("scale", "_growth_tracker") if k in sd}
 
 
-def run_step(
+def run_step(  # long: a keyword-only signature of ten names and the step's fixed order
     *,
     workload: Workload,
     forward_model: Any,
