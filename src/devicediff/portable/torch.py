@@ -132,18 +132,26 @@ class _FusedDropout(torch.autograd.Function):
         return (out,) + (None,) * 4
 
 
-def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, key: Key | tuple | None = None,
-            inplace: bool = False) -> torch.Tensor:
-    """``F.dropout`` with the portable mask of ``key = (seed, stream, counter)``: each element kept
-    with probability ``1 - p`` (to 2**-24) and scaled by ``1 / (1 - p)``; identical on every device.
-
-    ``inplace`` is accepted for compatibility; the result is always a new tensor."""
+def _trivial(x: torch.Tensor, p: float, training: bool) -> torch.Tensor | None:
+    """The result when no mask is needed (eval, p = 0, p = 1), else None; checks ``p``."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return x
     if p == 1.0:
         return x * torch.zeros((), dtype=x.dtype, device=x.device)
+    return None
+
+
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, key: Key | tuple | None = None,
+            inplace: bool = False) -> torch.Tensor:
+    """``F.dropout`` with the portable mask of ``key = (seed, stream, counter)``: each element kept
+    with probability ``1 - p`` (to 2**-24) and scaled by ``1 / (1 - p)``; identical on every device.
+
+    ``inplace`` is accepted for compatibility; the result is always a new tensor."""
+    trivial = _trivial(x, p, training)
+    if trivial is not None:
+        return trivial
     if key is None:
         raise ValueError("portable dropout needs a key (seed, stream, counter), e.g. ctx.key(layer_name)")
     seed, stream, counter = key
@@ -157,12 +165,9 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, key: Key | t
 def feature_dropout(x: torch.Tensor, p: float, training: bool, key, channel_dims: int) -> torch.Tensor:
     """Channel-wise dropout: one draw per entry of ``x.shape[:channel_dims]``, broadcast over the rest
     (``F.dropout1d/2d/3d``)."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if not training or p == 0.0:
-        return x
-    if p == 1.0:
-        return x * torch.zeros((), dtype=x.dtype, device=x.device)
+    trivial = _trivial(x, p, training)
+    if trivial is not None:
+        return trivial
     seed, stream, counter = key
     shape = tuple(x.shape[:channel_dims]) + (1,) * (x.dim() - channel_dims)
     ms = _torch_philox.mask_scale(torch.empty(shape, dtype=x.dtype, device=x.device), float(p), seed, stream,
