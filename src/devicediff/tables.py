@@ -7,7 +7,6 @@ uses too); this module only lays numbers out.
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pandas as pd
@@ -107,10 +106,6 @@ def _margin(row) -> str:
     return f"±{_fmt(m)} ({pct_txt}{row.get('margin_source', '')})"
 
 
-def _tidy_note(note: str) -> str:
-    return note or ""
-
-
 def _seeds_needed(r: Results) -> dict[tuple[str, str], str]:
     """{(config, metric): text} for the inconclusive primary rows: seeds for 80% power (plan_table)."""
     v = r.verdicts
@@ -170,7 +165,7 @@ def note_lines(r: Results) -> list[str]:
     v = r.verdicts
     if v is not None and len(v):
         for _, row in v[v["role"] == "primary"].iterrows():
-            parts = [p for p in _tidy_note(row["note"]).split("; ") if p and not p.startswith("confirmatory:")]
+            parts = [p for p in (row["note"] or "").split("; ") if p and not p.startswith("confirmatory:")]
             if parts:
                 out.append(f"{row['config']} {row['metric']}: {'; '.join(parts)}")
     w = r.warnings

@@ -266,12 +266,13 @@ class LockstepSide(ABC):
     def teacher_sync(self) -> None:
         """Working copy := float64 reference state rounded to its dtype; reference := working (exact)."""
 
-    @abstractmethod
     def carried_state(self) -> Any:
-        """The workload's state carried between batches, to restore before a repeat."""
+        """The workload's state carried between batches (its attributes), to restore before a repeat."""
+        return dict(vars(self.backend.workload))
 
-    @abstractmethod
-    def restore_carried(self, state: Any) -> None: ...
+    def restore_carried(self, state: Any) -> None:
+        vars(self.backend.workload).clear()
+        vars(self.backend.workload).update(state)
 
     #: what the last first-run ``step`` found out, sent with the step's ``lockstep`` record:
     #: ``parity`` (step 1: None, or ``{"tensor", "rel"}`` where the faithful replay differs),

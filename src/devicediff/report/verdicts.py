@@ -16,41 +16,15 @@ import pandas as pd
 
 ROLES = ("primary", "secondary", "check")
 PER_CLASS_PATTERN = r"^final_eval_acc_class_(\d+)$"
-_PREFIXES = ("final_", "auc_", "tail_")
-
-
-def _metric_name(m: str) -> str:
-    return m if m.startswith(_PREFIXES) else f"final_{m}"
 
 
 def role_verdicts(data) -> tuple[pd.DataFrame | None, str | None]:
-    """The study's verdicts with roles: ``data.verdicts`` when the loader gives them (the frame of
-    ``stats.verdicts``), else computed here from ``data.finished`` with the same function, the
-    study's ``primary`` (``[verdict] primary``; else the loader's headline) and margins.
-    ``(None, reason)`` when there is nothing to compute."""
+    """The study's verdicts with roles, as the one read-side loader gives them
+    (``analysis.load``), or ``(None, why)`` when it could not compute them."""
     v = data.verdicts
     if v is not None and "role" in v.columns:
         return v, None
-    try:
-        from devicediff.analysis import stats
-    except Exception:  # noqa: BLE001 - the report goes on without statistics
-        return None, "statistics unavailable: devicediff.analysis.stats could not be imported"
-    fin, metrics = data.finished, list(data.verdict_metrics)
-    if not metrics or fin is None or fin.empty:
-        return None, None
-    if fin["config"].nunique() < 2:
-        return None, "verdicts: fewer than two configs have finished runs"
-    if data.reference not in set(fin["config"]):
-        return None, f"verdicts: the reference {data.reference} has no finished runs"
-    d = data.definition
-    primary = [_metric_name(m) for m in (d.get("primary") or [])] or list(getattr(data, "primary", []) or [])
-    primary = [m for m in primary if m in metrics] or metrics[:1]
-    try:
-        out = stats.verdicts(fin, primary, data.reference, metrics=metrics, margin=d.get("margin"),
-                             margin_fraction=d.get("margin_fraction") or 0.5)
-    except Exception as e:  # noqa: BLE001 - reported, not raised
-        return None, f"verdicts could not be computed: {type(e).__name__}: {e}"
-    return out, None
+    return None, getattr(data, "verdict_problem", None)
 
 
 def _f(x: Any) -> float:

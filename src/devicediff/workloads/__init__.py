@@ -136,28 +136,29 @@ def make_twin(name: str, framework: str, *args: Any):
 # -- parameters --------------------------------------------------------------------------------------
 
 
-def _signature_of(fn: Callable) -> inspect.Signature | None:
-    """The signature that names the parameters: a class's ``__init__``, or for a
-    ``make(**params)`` factory the module's ``WORKLOAD_CLASS``."""
-    target = fn.__init__ if inspect.isclass(fn) else fn
+def _parameter_target(fn: Callable) -> Callable:
+    """What names the parameters: a class's ``__init__``; for a ``make(**params)`` factory, its
+    module's ``WORKLOAD_CLASS.__init__`` when it has one; else the function itself."""
+    if inspect.isclass(fn):
+        return fn.__init__
     try:
-        sig = inspect.signature(target)
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return fn
+    cls = getattr(inspect.getmodule(fn), "WORKLOAD_CLASS", None) if takes_any else None
+    return cls.__init__ if cls is not None else fn
+
+
+def _signature_of(fn: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(_parameter_target(fn))
     except (TypeError, ValueError):
         return None
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) and not inspect.isclass(fn):
-        cls = getattr(inspect.getmodule(fn), "WORKLOAD_CLASS", None)
-        if cls is not None:
-            return _signature_of(cls)
-    return sig
 
 
 def _hints(fn: Callable) -> dict[str, Any]:
-    target = fn.__init__ if inspect.isclass(fn) else fn
-    if not inspect.isclass(fn) and any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
-        cls = getattr(inspect.getmodule(fn), "WORKLOAD_CLASS", None)
-        target = cls.__init__ if cls is not None else target
     try:
-        return typing.get_type_hints(target)
+        return typing.get_type_hints(_parameter_target(fn))
     except Exception:  # noqa: BLE001 - unresolvable annotations: check names only
         return {}
 

@@ -212,13 +212,6 @@ class ChainerLockstep(_driver.LockstepSide):
         _copy_state(self.model64, self.opt64, b.model, b.optimizer)  # teacher state, rounded to float32
         _copy_state(b.model, b.optimizer, self.model64, self.opt64)  # and back, exactly
 
-    def carried_state(self) -> dict:
-        return dict(vars(self.backend.workload))
-
-    def restore_carried(self, state: dict) -> None:
-        vars(self.backend.workload).clear()
-        vars(self.backend.workload).update(state)
-
     def step(self, step: int, batch, lr):
         b = self.backend
         return _flatten(_lockstep_step(b.workload, b.model, b.optimizer, batch, b.feed, lr, self.rec), None)

@@ -759,12 +759,8 @@ class TorchLockstep(_driver.LockstepSide):
             it = iter(_tensor_leaves(wl[name]))
             wl64[name] = _map_tensors(lambda t: next(it).to("cpu", t.dtype), r)
 
-    def carried_state(self) -> dict:
-        return dict(vars(self.backend.workload))
-
     def restore_carried(self, state: dict) -> None:
-        vars(self.backend.workload).clear()
-        vars(self.backend.workload).update(state)
+        super().restore_carried(state)
         if self._pre_ctx is not None:
             self.portable.load_state_dict(self._pre_ctx)
 
