@@ -203,6 +203,7 @@ def main() -> int:
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every pair's steps")
     ap.add_argument("--only", nargs="*", help="workloads to run (autoencoder, prednet-chainer-lineage, "
                                                  "prednet-lotter, mlp); default all")
+    ap.add_argument("--pairs", nargs="*", help="only these B configs (e.g. cuda-tf32 cuda-fp16); default all")
     ap.add_argument("--faults", action="store_true", help="the planted faults instead (CPU)")
     args = ap.parse_args()
     if args.faults:
@@ -221,6 +222,8 @@ def main() -> int:
                 continue
             study = load_study(path)
             for a, b in pairs:
+                if args.pairs and b not in args.pairs:
+                    continue
                 n = max(1, int(steps * args.steps_scale))
                 t = time.perf_counter()
                 p = diverge(study, a, b, steps=n, workdir=tmp / f"w-{label}-{b}")

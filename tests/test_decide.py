@@ -177,3 +177,26 @@ def test_real_runs_of_the_synthetic_workload(tmp_path):
     assert out.status == "decided" and out.seeds == 2 and len(out.looks) == 1
     assert out.decisions[("b", "final_eval_loss")]["decision"] == "identical"
     assert len(r.finished) == 4 and r.sequential is not None
+
+
+def test_status_report_and_export_give_the_sequential_decisions(tmp_path):
+    """One answer per comparison: after --until-decided, the primary verdict everywhere (load_results,
+    so status, report and verdicts.csv) is the group-sequential decision at the frozen margin, not a
+    fixed-sample test re-run at a margin re-derived from all the seeds (on the H200's paper-prednet the
+    two disagreed: cuda-cudnn "equivalent" at ±6.2e-4 from 20 seeds vs "inconclusive" at ±3.9e-4)."""
+    def noisy(config, seed):
+        return value(config, seed) + (1e-3 * np.random.default_rng(100 + seed).standard_normal()
+                                      if config == "cpu-2t" else 0.0)
+
+    st = make(configs=("cpu-1t", "cpu-2t", "cpu-3t"))
+    with SQLiteStore(tmp_path / "s.db") as s:
+        out = go(st, s, tmp_path, FakeExecutor(noisy), max_seeds=6, batch=3)
+        r = load_results(s, "seq")
+    prim = r.verdicts[r.verdicts["role"] == "primary"].set_index("config")
+    frozen = out.looks[0]["margins"]["final_eval_mse"]
+    for (cfg, _metric), d in out.decisions.items():
+        want = "inconclusive" if d["decision"] == "continue" else d["decision"]
+        assert prim.loc[cfg, "verdict"] == want
+        assert prim.loc[cfg, "margin"] == pytest.approx(frozen)
+        assert "group-sequential" in prim.loc[cfg, "note"]
+    assert prim.loc["cpu-3t", "verdict"] == "identical"

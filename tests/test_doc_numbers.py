@@ -39,3 +39,25 @@ def test_a_stale_number_is_caught(tmp_path):
     bad = [r for r in doc_numbers.scan(tmp_path) if r[2] != r[3]]
     assert [(b[0], b[1]) for b in bad] == [("docs/results.md", key)]
     assert doc_numbers.write(tmp_path) == 1 and not [r for r in doc_numbers.scan(tmp_path) if r[2] != r[3]]
+
+
+def test_every_store_the_docs_name_is_in_the_repository():
+    """A store the docs cite (``docs/data/NAME.db``) must exist and be tracked: *.db is ignored
+    elsewhere, and a store left untracked is lost to every other checkout."""
+    import re
+    import subprocess
+
+    tracked = set(subprocess.run(["git", "ls-files", "docs/data"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    if not tracked:  # not a git checkout (e.g. an unpacked sdist): existence is all that can be checked
+        tracked = {str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "data").glob("*.db")}
+    cited = set()
+    for md in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for name in re.findall(r"docs/data/([\w.{},-]+?\.db)\b", md.read_text()):
+            if "{" in name:  # docs/data/dropout-{device,portable}-h200.db
+                head, alts, tail = re.match(r"(.*)\{(.*)\}(.*)", name).groups()
+                cited |= {(md.name, f"docs/data/{head}{a}{tail}") for a in alts.split(",")}
+            elif name != "NAME.db":  # the placeholder in "docs/data/NAME.db"
+                cited.add((md.name, f"docs/data/{name}"))
+    missing = sorted(f"{doc} cites {path}" for doc, path in cited if path not in tracked)
+    assert not missing, "stores cited but not in the repository (git add -f them):\n" + "\n".join(missing)

@@ -285,3 +285,25 @@ def test_bad_data(tmp_path):
         make(data=str(tmp_path / "small.npz"), batch_size=64)
     with pytest.raises(DataError, match="too small"):
         make(data=str(tmp_path / "small.npz"), batch_size=2, channels=[2, 2, 2, 2])
+
+
+def test_held_out_indices_name_the_evaluated_inputs(tmp_path, mnist_wl):
+    """Row i of the held-out metrics and of predictions.npy is input held_out_indices(params)[i] of
+    the source data, computed without building the workload."""
+    from devicediff.data.mnist import load_mnist
+    from devicediff.workloads.classifier import held_out_indices
+
+    idx = held_out_indices(SMALL)
+    xe, ye = load_mnist(SMALL.get("eval_split", "valid"))
+    assert len(idx) == len(mnist_wl.eval_y)
+    assert np.array_equal(ye[idx], mnist_wl.eval_y)
+    assert np.array_equal(xe[idx][:, None], mnist_wl.eval_x.numpy())
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 30)
+    x = rng.random((90, 1, 8, 8)).astype(np.float32)
+    params = dict(data=str(_npz(tmp_path, x, y)), batch_size=16, channels=[4], hidden=8, eval_fraction=0.2,
+                  split_seed=3, eval_size=10)
+    wl = make(**params)
+    idx = held_out_indices({"name": "classifier", **params})
+    assert len(idx) == 10 and np.array_equal(x[idx], wl.eval_x.numpy()) and np.array_equal(y[idx], wl.eval_y)
+    assert wl.describe()["classes"] == ["0", "1", "2"]

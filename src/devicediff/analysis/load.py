@@ -242,8 +242,12 @@ def load_results(store: Store, study, *, verdicts: bool = True) -> Results:
     primary, checks, source, note = _roles(d, vmetrics)
     vmetrics = primary + [m for m in vmetrics if m not in primary]
     table, problem, per_class = None, None, None
+    sequential = _looks(store, study_id)
+    last = _last_look(sequential, fin, ref_label)
     if verdicts:
-        table, problem = _verdicts(fin, vmetrics, ref_label, d, primary, checks)
+        frozen = {m: v for m, v in (last or {}).get("margins", {}).items() if m in primary}
+        table, problem = _verdicts(fin, vmetrics, ref_label, d, primary, checks, frozen or None)
+        table = _sequential_decisions(table, last)
         per_class = _per_class(fin, ref_label)
     return Results(
         study_id=study_id, name=name, definition=d, reference=ref_label, reference_config=reference,
@@ -251,12 +255,12 @@ def load_results(store: Store, study, *, verdicts: bool = True) -> Results:
         by_machine=by_machine, machines=list(pd.unique(runs["machine"])) if len(runs) else [],
         runs=runs, metrics=metrics, per_run=pr, verdict_metrics=vmetrics, verdicts=table, verdict_problem=problem,
         primary=primary, primary_source=source, checks=checks, verdict_note=note, per_class=per_class,
-        warnings=run_warnings(runs), sequential=_looks(store, study_id),
+        warnings=run_warnings(runs), sequential=sequential,
     )
 
 
 def _verdicts(fin: pd.DataFrame, metrics: list[str], reference: str, d: dict, primary: list[str],
-              checks: list[str]) -> tuple[pd.DataFrame | None, str | None]:
+              checks: list[str], frozen: dict | None = None) -> tuple[pd.DataFrame | None, str | None]:
     try:
         from devicediff.analysis import stats
     except Exception:  # noqa: BLE001 - the rest of the read side works without the statistics
@@ -269,13 +273,46 @@ def _verdicts(fin: pd.DataFrame, metrics: list[str], reference: str, d: dict, pr
         return None, f"verdicts: the reference {reference} has no finished runs"
     # A study's fixed margin is in the primary metric's units: it applies to the primary metrics,
     # the others take the seed-sd margin (an absolute number cannot fit MSE and SSIM at once).
-    margin = {m: d["margin"] for m in primary} if d.get("margin") is not None else None
+    margin = {m: d["margin"] for m in primary} if d.get("margin") is not None else frozen
     try:
         table = stats.verdicts(fin, primary, reference, metrics=metrics, checks=checks, margin=margin,
                                margin_fraction=d.get("margin_fraction") or 0.5)
     except Exception as e:  # noqa: BLE001 - reported, not raised: tables and report go on
         return None, f"verdicts could not be computed: {type(e).__name__}: {e}"
     return with_compat_columns(table), None
+
+
+def _last_look(seq: pd.DataFrame | None, fin: pd.DataFrame, reference: str) -> dict | None:
+    """The last look of ``run --until-decided`` when it saw every seed the reference has now;
+    None when there was none, or when seeds were added afterwards (its decisions are then stale
+    and the fixed-sample verdicts stand, said in their note)."""
+    if seq is None or not len(seq) or "seeds" not in seq or not len(fin):
+        return None
+    last = seq.sort_values(["seeds", "look"]).iloc[-1].to_dict()
+    n_ref = int(fin.loc[fin["config"] == reference, "seed"].nunique())
+    return last if int(last.get("seeds") or 0) == n_ref else None
+
+
+def _sequential_decisions(table: pd.DataFrame | None, last: dict | None) -> pd.DataFrame | None:
+    """Primary verdicts of a study run with ``--until-decided`` are the group-sequential decisions
+    (``devicediff.decide``): a fixed-sample test repeated after each batch of seeds would not hold
+    its error rates, and its seed-sd margin would move with every batch, whereas the sequential
+    margin was frozen at the first look (``_verdicts`` is given it, so the intervals and TOST p
+    shown are at the same margin). "continue" at the last look reads "inconclusive"."""
+    if table is None or not last:
+        return table
+    table = table.copy()
+    for c in last.get("comparisons") or []:
+        hit = (table["config"] == c.get("config")) & (table["metric"] == c.get("metric")) & (table["role"] == "primary")
+        if not hit.any():
+            continue
+        decision = c.get("decision")
+        decision = "inconclusive" if decision == "continue" else decision
+        where = (f"group-sequential (run --until-decided): {decision} at look {c.get('look')} of "
+                 f"{c.get('n_looks')}, {c.get('n')} seeds; margin frozen at the first look")
+        table.loc[hit, "verdict"] = decision
+        table.loc[hit, "note"] = [f"{where}; {n}" if n else where for n in table.loc[hit, "note"]]
+    return table
 
 
 def with_compat_columns(v: pd.DataFrame) -> pd.DataFrame:

@@ -115,15 +115,38 @@ def _load_mnist_data(train_size: int | None, eval_size: int | None, eval_split: 
     return (x, y, xe, ye), [str(k) for k in range(10)], info
 
 
+def _image_split(y: np.ndarray, data: str, eval_fraction: float, split_seed: int, train_size: int | None,
+                 eval_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices into a user's labelled images: split by ``split_seed``, then cut."""
+    tr, te = split(y, eval_fraction, split_seed)
+    if len(te) == 0:
+        raise DataError(f"data {data!r}: no held-out images; every class needs at least 2 images")
+    return _subset(tr, train_size, split_seed), _subset(te, eval_size, split_seed + 1)
+
+
+def held_out_indices(params: dict[str, Any]) -> np.ndarray:
+    """Which inputs the held-out metrics and the prediction artifacts are about, in their order:
+    indices into MNIST's ``eval_split`` (``data = "mnist"``), or into the user's labelled images as
+    ``devicediff.data.images`` orders them (sorted files / the .npz's rows). ``params``: the study's
+    workload parameters (defaults as the workload's). Row i of ``predictions.npy`` is input
+    ``held_out_indices(params)[i]``; the report's "input #" is that i."""
+    p = {k: v for k, v in params.items() if k != "name"}
+    data = str(p.get("data", "mnist"))
+    eval_size = p.get("eval_size", 10000)
+    if data == "mnist":
+        _, ye = load_mnist(p.get("eval_split", "valid"), p.get("mnist_root"))
+        return np.arange(len(ye[:eval_size]))
+    imgs = load_labelled_images(data, p.get("image_size"))
+    return _image_split(imgs.y, data, p.get("eval_fraction", 0.2), p.get("split_seed", 0), p.get("train_size"),
+                        eval_size)[1]
+
+
 def _load_image_data(data: str, image_size: int | None, eval_fraction: float, split_seed: int,
                      train_size: int | None, eval_size: int | None):
     """((x, y, x_eval, y_eval), classes, data info) from a user's labelled images, split
     deterministically by ``split_seed`` and cut to ``train_size`` / ``eval_size``."""
     imgs = load_labelled_images(data, image_size)
-    tr, te = split(imgs.y, eval_fraction, split_seed)
-    if len(te) == 0:
-        raise DataError(f"data {data!r}: no held-out images; every class needs at least 2 images")
-    tr, te = _subset(tr, train_size, split_seed), _subset(te, eval_size, split_seed + 1)
+    tr, te = _image_split(imgs.y, data, eval_fraction, split_seed, train_size, eval_size)
     info = dict(imgs.info, eval_fraction=float(eval_fraction), split_seed=int(split_seed))
     return (imgs.x[tr], imgs.y[tr], imgs.x[te], imgs.y[te]), imgs.classes, info
 
