@@ -60,6 +60,16 @@ def test_print_per_seed_shows_each_seed_of_the_primary_metric(tmp_path):
     assert r["cpu-1t (ref)"] == ["1", "1.1", "1.2"] and r["cpu-2t"] == ["1.5", "1.6", "–"]
 
 
+def test_many_seeds_go_down_the_page():
+    """20 seeds × 7 configs (the H200's paper-prednet): seeds as rows, so the numbers fit."""
+    with SQLiteStore(ROOT / "docs" / "data" / "paper-prednet-until-decided-h200.db", readonly=True) as s:
+        text = render(print_per_seed, "paper-prednet", s)
+    r = rows(text)
+    assert r["seed"][:2] == ["cpu-1t (ref)", "cpu-4t"] and len(r["seed"]) == 7
+    assert [k for k in r if k.isdigit()] == [str(k) for k in range(20)]
+    assert all("…" not in c for k in r for c in r[k])
+
+
 def test_a_study_without_runs(tmp_path):
     st = make_study("empty")
     with SQLiteStore(tmp_path / "s.db") as s:

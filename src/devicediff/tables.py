@@ -229,16 +229,23 @@ def print_plan(console: Console, study: Study | str, store: Store) -> None:
 
 
 def per_seed_tables(r: Results) -> list[Table]:
-    """One table per primary metric: config × seed → the metric's final value (first runs)."""
+    """One table per primary metric: config × seed → the metric's final value (first runs); seeds
+    as columns, or as rows when there are more than 8 and more seeds than configs (20 seeds do not
+    fit across a terminal)."""
     out = []
     for metric in r.primary:
         grid = per_seed_table(r.per_run, metric, _labels(r))
+        grid.index = [label + (" (ref)" if label == r.reference else "") for label in grid.index]
         t = Table(title=f"{r.name}: {metric} per seed", title_justify="left")
-        t.add_column("config")
-        for seed in grid.columns:
-            t.add_column(f"seed {seed}", justify="right")
+        if len(grid.columns) > max(8, len(grid.index)):
+            grid, corner, head = grid.T, "seed", str
+        else:
+            corner, head = "config", lambda seed: f"seed {seed}"
+        t.add_column(corner)
+        for col in grid.columns:
+            t.add_column(head(col), justify="right")
         for label, values in grid.iterrows():
-            t.add_row(label + (" (ref)" if label == r.reference else ""), *[_fmt(float(x)) for x in values])
+            t.add_row(str(label), *[_fmt(float(x)) for x in values])
         out.append(t)
     return out
 
