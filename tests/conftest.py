@@ -51,3 +51,23 @@ def devicediff(*args: str, cwd: Path | None = None, timeout: float = 600, env: d
         [sys.executable, "-c", launcher, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})},
     )
+
+
+def run_job_here(job) -> list[dict]:
+    """Run one worker job in this process (``worker.run_job``) and return its records; the test
+    process's torch thread count is put back afterwards (a job sets its config's)."""
+    import io
+    import json
+
+    import torch
+
+    from devicediff.protocol import RecordWriter
+    from devicediff.worker import run_job
+
+    out = io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        run_job(job, RecordWriter(out))
+    finally:
+        torch.set_num_threads(threads)
+    return [json.loads(line) for line in out.getvalue().splitlines()]

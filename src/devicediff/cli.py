@@ -233,7 +233,7 @@ def cmd_diverge(args) -> int:
     try:
         with step_reporter(f"diverge: {args.a} (A) and {args.b} (B) in lockstep, {args.steps} steps") as on_step:
             payload = diverge(study, args.a, args.b, steps=args.steps, seed=args.seed, threshold=args.threshold,
-                              store=store, store_path=args.store, on_step=on_step)
+                              store=store, store_path=args.store, ops=not args.no_ops, on_step=on_step)
     finally:
         store.close()
     print_divergence(console, payload)
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:  # long: one block per command, r
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--threshold", type=float, default=100.0, help="beyond-rounding factor (default 100)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a workload parameter")
+    d.add_argument("--no-ops", action="store_true",
+                   help="stop at the module: skip the operation pass that names the first operation that differs")
     d.set_defaults(func=cmd_diverge)
 
     g = sub.add_parser("chainer-gradients",

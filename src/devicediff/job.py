@@ -33,16 +33,20 @@ from typing import Any
 class Lockstep:
     """How a lockstep side runs: ``steps`` steps, step files in ``dir``; ``repeat`` each step
     ("auto": step 1, later on a GPU or once a repeat varied; "always"; "never"); ``free``: also
-    train a free-running copy."""
+    train a free-running copy. ``ops_at``: the operation pass (docs/diverge.md): teacher-forced
+    steps up to ``ops_at``, no step files, and that step's operations recorded into ``dir``."""
 
     steps: int
     dir: str
     repeat: str = "auto"
     free: bool = True
+    ops_at: int | None = None
 
     def __post_init__(self):
         if self.repeat not in ("auto", "always", "never"):
             raise ValueError(f"lockstep.repeat {self.repeat!r}: use auto, always or never")
+        if self.ops_at is not None and not 1 <= self.ops_at <= self.steps:
+            raise ValueError(f"lockstep.ops_at {self.ops_at}: a step from 1 to {self.steps}")
 
 
 @dataclass(frozen=True)

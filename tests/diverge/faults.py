@@ -19,6 +19,8 @@ on synthetic regression data (no files needed), Adam. ``fault``:
 ========================  =====================================================================
 
 ``dropout = p`` adds ``nn.Dropout(p)`` (module ``drop``) after the BatchNorm's ReLU (issue 18).
+``slope = s`` makes the second activation ``nn.LeakyReLU(s)`` (module ``act``): two configs with
+other slopes differ in that one operation (the operation-level tests, tests/diverge/test_ops.py).
 
 ``prednet_gate(**params)``: the tiny chainer-lineage PredNet with a single perturbed operation
 inside the ConvLSTM gates (``fault = "gate_slope"``): the forget gate's pre-activation
@@ -39,7 +41,7 @@ FLAGS = {"gain": 1.0}  # the global flag of ``global_flag``: read at call time
 
 
 class MLP(nn.Module):
-    def __init__(self, d_in: int, hidden: int, momentum: float, fault: str, dropout: float = 0.0):
+    def __init__(self, d_in: int, hidden: int, momentum: float, fault: str, dropout: float = 0.0, slope: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(d_in, hidden)
         self.bn = nn.BatchNorm1d(hidden, momentum=momentum)
@@ -47,6 +49,8 @@ class MLP(nn.Module):
             self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, hidden)
         self.fc3 = nn.Linear(hidden, d_in)
+        if slope:
+            self.act = nn.LeakyReLU(slope)
         self.fault = fault
         self.late = False  # set per batch by the workload (late_scale)
 
@@ -59,15 +63,15 @@ class MLP(nn.Module):
             h = h * (1 + 1e-9)
         if self.fault == "late_scale" and self.late:
             h = h * 1.001
-        return self.fc3(torch.relu(h))
+        return self.fc3(self.act(h) if hasattr(self, "act") else torch.relu(h))
 
 
 class Faulty(Workload):
     name = "faulty-mlp"
 
     def __init__(self, *, fault: str = "none", fault_from: int = 1, n: int = 512, d_in: int = 16, hidden: int = 32,
-                 batch_size: int = 64, lr: float = 1e-3, dropout: float = 0.0):
-        self.dropout = float(dropout)
+                 batch_size: int = 64, lr: float = 1e-3, dropout: float = 0.0, slope: float = 0.0):
+        self.dropout, self.slope = float(dropout), float(slope)
         if fault not in FAULTS:
             raise ValueError(f"fault {fault!r}: one of {FAULTS}")
         self.fault, self.fault_from, self.batch_size, self.lr = fault, int(fault_from), int(batch_size), float(lr)
@@ -78,11 +82,12 @@ class Faulty(Workload):
         self.y = torch.tanh(self.x @ w) + 0.1 * torch.randn(n, d_in, generator=g)
 
     def describe(self):
-        return {"fault": self.fault, "fault_from": self.fault_from, "dropout": self.dropout,
+        return {"fault": self.fault, "fault_from": self.fault_from, "dropout": self.dropout, "slope": self.slope,
                 "randomness": "nn.Dropout on the device generator" if self.dropout else "none"}
 
     def build_model(self, init_seed: int):
-        model = MLP(self.d_in, self.hidden, 0.12 if self.fault == "bn_momentum" else 0.1, self.fault, self.dropout)
+        model = MLP(self.d_in, self.hidden, 0.12 if self.fault == "bn_momentum" else 0.1, self.fault, self.dropout,
+                    self.slope)
         FLAGS["gain"] = 1.001 if self.fault == "global_flag" else 1.0
         if self.fault == "tensor_hook":
             model.fc2.weight.register_hook(lambda g: g * 1.001)

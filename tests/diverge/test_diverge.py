@@ -54,6 +54,7 @@ def test_planted_fault_is_beyond_rounding_at_step_1_in_layers_1(tmp_path, capsys
     assert code == 1, out  # like diff: 1 = the configs differ beyond rounding
     assert "verdict: beyond rounding" in out
     assert "first difference: step 1, layers.1 fwd" in out
+    assert "operation level: first operation whose mathematics differ: B issues aten.mm.default (forward)" in out
     store = open_store(str(db))
     payload = store.analyses(kind="diverge")["payload"].iloc[0]
     store.close()
@@ -84,6 +85,9 @@ def test_prednet_aliased_targets_are_beyond_rounding_at_step_1(tmp_path):
     # The first gradient backward finishes is the prediction conv of layer 0, which feeds the loss.
     assert fb["step"] == 1 and fb["kind"] == "grad" and fb["module"] == "layers.0.conv_p"
     assert fb["ratio"] > 1e4
+    # the operation pass names the operation that reads the overwritten buffer (tests/diverge/test_ops.py)
+    named = s["ops"]["named"]
+    assert (named["kind"], named["op"]) == ("data", "aten.mse_loss_backward.default"), s["ops"]["line"]
 
 
 def test_unknown_config_is_a_usage_error(capsys):

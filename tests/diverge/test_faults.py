@@ -9,21 +9,20 @@ real ``diverge`` (two worker processes), PredNet included.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_job_here
+
 from devicediff.diverge.compare import BEYOND, IDENTICAL, RANDOM, ROUNDING, SUSPECT, compare_step
 from devicediff.diverge.lockstep import summarize
 from devicediff.job import Lockstep
-from devicediff.protocol import RecordWriter
 from devicediff.runner import build_job
 from devicediff.stepfiles import read_step, step_path
 from devicediff.study import load_study
-from devicediff.worker import run_job
 
 HERE = Path(__file__).parent
 FAULTS = HERE / "faults.toml"
@@ -36,13 +35,7 @@ def side(study, config: str, steps: int, tmp: Path) -> tuple[list[dict], list[di
     cell = study.cell(study.config(config), 0)
     job = build_job(study, cell, f"t-{config}", tmp / config,
                     lockstep=Lockstep(steps=steps, dir=str(tmp / config / "steps"), repeat="never", free=False))
-    out = io.StringIO()
-    threads = torch.get_num_threads()
-    try:
-        run_job(job, RecordWriter(out))
-    finally:
-        torch.set_num_threads(threads)
-    recs = [json.loads(line) for line in out.getvalue().splitlines()]
+    recs = run_job_here(job)
     done = [r for r in recs if r["kind"] == "done"][-1]
     assert done["state"] == "finished", done
     return ([read_step(step_path(tmp / config / "steps", s)) for s in range(1, steps + 1)],
@@ -114,6 +107,8 @@ def test_parameter_tensor_hook_is_beyond_rounding_not_rounding(tmp_path):
     ("global-flag", "fwd", "fc3"),  # the flag scales fc2's output outside any module: fc3 first sees it
     ("backward-hook", "grad", "bn"),  # fc2's input gradient scaled: the first parameter below it is bn's
 ])
+
+
 def test_hooks_and_flags_land_on_their_tensor(tmp_path, config, kind, module):
     res = pair("clean", config, 1, tmp_path)
     fb = first(res, BEYOND)

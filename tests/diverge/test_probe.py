@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import copy
-import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_job_here
+
 from devicediff.stepfiles import read_step, step_path
 from devicediff.frameworks.torch.backend import load_workload
 from devicediff.frameworks.torch.lockstep import clone_state, teacher_sync
 from devicediff.job import Lockstep
-from devicediff.protocol import RecordWriter
 from devicediff.runner import build_job
 from devicediff.study import load_study
-from devicediff.worker import run_job
 
 HERE = Path(__file__).parent
 
@@ -30,13 +28,7 @@ def lockstep_run(tmp_path_factory):
     study = load_study(HERE / "autoencoder_small.toml")
     cell = study.cell(study.config("cpu-1t"), 0)
     job = build_job(study, cell, "probe-test", tmp, lockstep=Lockstep(steps=3, dir=str(tmp / "steps")))
-    out = io.StringIO()
-    threads = torch.get_num_threads()
-    try:
-        run_job(job, RecordWriter(out))
-    finally:
-        torch.set_num_threads(threads)
-    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    records = run_job_here(job)
     return study, job, records, [read_step(step_path(tmp / "steps", s)) for s in (1, 2, 3)]
 
 

@@ -382,3 +382,9 @@ def test_diverge_finds_the_reused_buffer_bug_at_step_one(chainer_py, tmp_path, m
     reused = diverge(s, "torch-cpu", "chainer-reused", steps=1, workdir=tmp_path / "r")["summary"]
     fb = reused["first_beyond"]
     assert reused["verdict"] == "beyond rounding" and fb["step"] == 1 and fb["kind"] == "grad", reused["line"]
+    # the operation pass: the Chainer side's own per-function check names the loss's backward
+    ops = reused["ops"]
+    assert ops["step"] == 1 and ops["named"]["side"] == "B", ops["line"]
+    assert ops["named"]["op"] == "MeanSquaredError" and ops["named"]["index"] == 1, ops["line"]
+    assert "per function node: step 1: saved input 1 of MeanSquaredError" in ops["line"], ops["line"]
+    assert "mean_squared_error" in ops["named"]["code"]

@@ -12,6 +12,7 @@ Library::
     from devicediff.diverge import diverge, plot_divergence
     payload = diverge(load_study("quick"), "cpu-1t", "cpu-2t", steps=5)
     payload["summary"]["verdict"]   # "identical" | "rounding" | "random" | "suspect" | "beyond rounding"
+    payload["summary"]["ops"]["line"]   # beyond rounding or suspect: the first operation that differs
     plot_divergence(payload, "diverge.png")
 
 Submodules: ``format`` (the step files, numpy only; what every framework's

@@ -6,17 +6,21 @@ local executor (``run_worker`` with ``worker_env``), so threads, device, cuDNN
 and TF32 settings hold exactly as in ``devicediff run``, and a side may use
 another Python environment (``python =`` in its config, or Chainer). The sides
 never talk to each other: each teacher-forces itself to its own float64
-reference (see ``probe.py``), so they may run at the same time (when the
+reference (docs/diverge.md), so they may run at the same time (when the
 machine has cores for both) or one after the other. The parent compares step
-``s`` as soon as both files exist and then deletes them.
+``s`` as soon as both files exist and then deletes them. When the verdict is
+beyond rounding or suspect, the operation pass (``_op_pass``) runs both sides
+again up to the first such step and names the first operation that differs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ from devicediff.diverge.compare import (
     BEYOND, IDENTICAL, RANDOM, ROUNDING, SUSPECT, SUSPECT_FACTOR, Row, compare_free, compare_step, first, start_gap,
 )
 from devicediff.stepfiles import read_step
-from devicediff.executors.base import Task
+from devicediff.executors.base import Task, worker_env
 from devicediff.executors.local import LocalExecutor, available_cores
 from devicediff.errors import DivergeError, StudyError
 from devicediff.job import Lockstep
@@ -34,6 +38,8 @@ from devicediff.protocol import FINISHED
 from devicediff.study import Cell, Study
 
 SIDES = ("A", "B")
+OPS_RECORD = "ops.json"  # what a side's operation pass writes (devicediff.frameworks.torch.ops.RECORD)
+CHAINER_OPS_SUMMARY = "ops-summary.json"  # and a Chainer side's summary of it (frameworks.chainer.lockstep.OPS_SUMMARY)
 #: fields of a side's ``lockstep`` record kept for the comparison (see ``LockstepSide.info``)
 INFO_FIELDS = ("sha256", "parity", "random", "random_modules", "random_devices", "random_generators")
 KIND_WORDS = {"fwd": "output of", "loss": "loss", "grad": "gradient of", "weight": "updated weight",
@@ -55,7 +61,7 @@ def default_workdir(store_path: str | None, study: Study, key: str) -> Path:
 
 
 def _task(study: Study, cell: Cell, side: str, workdir: Path, steps: int, repeat: str, free: bool,
-          python: str) -> Task:
+          python: str, ops_at: int | None = None) -> Task:
     from devicediff.runner import build_job
 
     run_dir = workdir / side
@@ -64,7 +70,8 @@ def _task(study: Study, cell: Cell, side: str, workdir: Path, steps: int, repeat
     run_dir.mkdir(parents=True)
     run_id = f"diverge-{side}-" + hashlib.sha256(f"{study.study_id}|{cell.key}|{workdir}".encode()).hexdigest()[:10]
     job = build_job(study, cell, run_id, run_dir,
-                    lockstep=Lockstep(steps=int(steps), dir=str(run_dir / "steps"), repeat=repeat, free=bool(free)))
+                    lockstep=Lockstep(steps=int(steps), dir=str(run_dir / "steps"), repeat=repeat, free=bool(free),
+                                      ops_at=ops_at))
     cfg = cell.config
     # Cores this side needs, so the executor runs the sides together only when they fit: its
     # threads; a GPU side one (it is not pinned, so its float64 reference may use more); a CPU
@@ -344,6 +351,76 @@ def _check_sides(c: _Collector, cfgs: dict, tasks: dict, steps: int, workdir: Pa
         raise DivergeError(f"the sides wrote steps up to {c.next - 1} of {steps}; see {workdir}/*/worker.log")
 
 
+def _op_pass(study: Study, cells: dict, pythons: dict, workdir: Path, step: int, keep_files: bool) -> dict:
+    """The operation pass (docs/diverge.md): both sides again up to ``step``, which each records
+    operation by operation, then :func:`localise_records`."""
+    t0 = time.perf_counter()
+    cfgs = {side: cells[side].config for side in SIDES}
+    odir = workdir / "ops"
+    tasks = {side: _task(study, cells[side], side, odir, step, "never", False, pythons[cfgs[side].name], ops_at=step)
+             for side in SIDES}
+    side_of = {t.run_id: s for s, t in tasks.items()}
+    done: dict[str, dict] = {}
+    executor = LocalExecutor(jobs=2, pin_cores=False)
+    try:
+        for task, rec in executor.execute(list(tasks.values())):
+            if rec.get("kind") == "done":
+                done[side_of[task.run_id]] = rec
+    finally:
+        executor.close()
+    out = localise_records(cfgs, done, tasks, pythons[cfgs["B"].name], odir / "localised.json")
+    if not keep_files:
+        shutil.rmtree(odir, ignore_errors=True)
+    return {"step": step, **out, "wall": round(time.perf_counter() - t0, 3)}
+
+
+def localise_records(cfgs: dict, done: dict, tasks: dict, python: str, result: Path) -> dict:
+    """What the operation pass found, always with a ``line``: the sides' records (``OPS_RECORD`` in
+    each task's lockstep folder) compared by ``python -m devicediff.frameworks.torch.ops localise``
+    in B's environment; or why there is nothing to compare."""
+    records = {side: Path(tasks[side].job.lockstep.dir) / OPS_RECORD for side in SIDES}
+    failed = [s for s in SIDES if done.get(s, {}).get("state") != FINISHED]
+    absent = [s for s in SIDES if not records[s].exists()]
+    other = [s for s in SIDES if cfgs[s].framework != "torch"]
+    if failed:
+        s = failed[0]
+        return {"line": f"the operation pass failed on side {s} ({cfgs[s].name}): "
+                        f"{done.get(s, {}).get('error') or 'no result'}"}
+    if absent:
+        return {"line": f"side {absent[0]} ({cfgs[absent[0]].framework}) recorded no operations; "
+                        "localisation stops at the module"}
+    if other:
+        return _per_function(cfgs, {s: records[s].parent / CHAINER_OPS_SUMMARY for s in other})
+    proc = subprocess.run([python, "-m", "devicediff.frameworks.torch.ops", "localise", str(records["A"].parent),
+                           str(records["B"].parent), str(result)],
+                          env=worker_env(tasks["B"].job.with_device("cpu")), capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return {"line": f"the operation localisation failed: {last}"}
+    return json.loads(result.read_text())
+
+
+def _per_function(cfgs: dict, summaries: dict[str, Path]) -> dict:
+    """A Chainer side's own per-function checks (``frameworks.chainer.ops``: saved arrays changed
+    between forward and backward, each node against its float64 replay); PyTorch cannot replay
+    Chainer's function nodes, so nothing is compared across the sides at this level."""
+    lines, named, suspect = [], None, {}
+    for side, path in summaries.items():
+        try:
+            s = json.loads(path.read_text())
+        except (OSError, ValueError):
+            lines.append(f"side {side} ({cfgs[side].name}) wrote no per-function summary")
+            continue
+        lines.append(f"side {side} ({cfgs[side].name}, chainer), per function node: {s.get('line', '')}")
+        first = s.get("first_changed") or s.get("first_suspect")
+        if first and named is None:
+            named = {"side": side, **first}
+        if s.get("suspect"):
+            suspect[side] = s["first_suspect"]
+    lines.append("Chainer's function nodes are not replayed against the other side's operations")
+    return {"line": "; ".join(lines), "named": named, "suspect": suspect}
+
+
 def diverge(
     study: Study,
     a: str,
@@ -358,13 +435,16 @@ def diverge(
     repeat: str = "auto",
     free: bool = True,
     keep_files: bool = False,
+    ops: bool = True,
     on_step: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Step configs ``a`` and ``b`` of ``study`` in lockstep for ``steps`` steps and
     classify every difference; return the payload (also stored with
     ``store.put_analysis(study_id, "diverge", key, payload)`` when ``store`` is given).
 
-    ``on_step(side, step, total)`` is called as each side's step file arrives.
+    ``ops``: when the verdict is beyond rounding or suspect, run the operation pass at the first
+    such step (``summary["ops"]``; docs/diverge.md). ``on_step(side, step, total)`` is called as
+    each side's step file arrives.
     Raises ``StudyError`` for an unknown config and ``DivergeError`` when a side
     fails or is skipped.
     """
@@ -396,10 +476,13 @@ def diverge(
         executor.close()
     wall = time.perf_counter() - t0
     _check_sides(c, cfgs, tasks, steps, workdir)
-    if scratch and not keep_files:
-        shutil.rmtree(workdir, ignore_errors=True)  # kept above when a side failed: its log is the evidence
     summary = summarize(c.rows, c.free_rows, c.per_step, a, b, threshold, c.parity,
                         {side: cfgs[side].to_dict() for side in SIDES})
+    if ops and summary["verdict"] in (BEYOND, SUSPECT):
+        at = (summary["first_beyond"] or summary["first_suspect"] or {"step": 1})["step"]  # 1: a parity finding
+        summary["ops"] = _op_pass(study, cells, pythons, workdir, at, keep_files)
+    if scratch and not keep_files:
+        shutil.rmtree(workdir, ignore_errors=True)  # kept above when a side failed: its log is the evidence
     payload = {
         "study": study.name, "study_id": study.study_id, "workload": study.workload, "a": a, "b": b,
         "configs": {a: cfgs["A"].to_dict(), b: cfgs["B"].to_dict()} if a != b else {a: cfgs["A"].to_dict()},

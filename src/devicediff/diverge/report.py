@@ -111,11 +111,11 @@ def print_divergence(console: Console, payload: dict) -> None:
         console.print(f"sensitivity at step {sens['step']}: a relative change above {sens['median']:.1e} (median over "
                       f"{sens['tensors']} tensors; {sens['max']:.1e} for the least sensitive, {sens['max_kind']} "
                       f"{sens['max_name']}) would be called beyond rounding", highlight=False)
-    ops = s.get("ops")
-    if ops and ops.get("line"):
-        console.print(f"operation: {ops['line']}", highlight=False)
     style = STYLE.get(s["verdict"], "")
     console.print(f"[{style}]{s['line']}[/]", highlight=False, soft_wrap=True)  # one line: scripts grep it
+    ops = s.get("ops")
+    if ops:  # the operation pass at the first step beyond rounding or suspect: one line too
+        console.print(f"step {ops['step']}, operation level: {ops['line']}", highlight=False, soft_wrap=True)
 
 
 def plot_divergence(payload: dict, path: str | Path) -> Path:

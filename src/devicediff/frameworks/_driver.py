@@ -294,6 +294,11 @@ class LockstepSide(ABC):
     def free_step(self, step: int, batch: Any, lr: float | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The free-running copy's step: (loss, {weight name or "kind/name": array})."""
 
+    def record_ops(self, step: int, batch: Any, lr: float | None, out_dir: str) -> None:
+        """The config's step ``step`` from the teacher state, with every operation recorded into
+        ``out_dir`` (docs/diverge.md, "Operation-level localisation"). This default records
+        nothing: the localisation then says so and stops at the module."""
+
     def learning_rate(self, step: int) -> float | None:
         return self.backend.workload.learning_rate(step, self.backend.total_steps)
 
@@ -310,7 +315,8 @@ def _timed_write(outdir: str, step: int, arrays: dict) -> tuple[Any, float]:
 
 
 def lockstep(side: LockstepSide, t_start: float) -> None:  # long: one step's timed phases, in order
-    """Run ``side`` for the job's lockstep steps, one step file each, then ``done``."""
+    """Run ``side`` for the job's lockstep steps, one step file each, then ``done``; or, for the
+    operation pass (``ops_at``), the steps before it without files and then its operation record."""
     from devicediff.stepfiles import assemble_step
 
     b = side.backend
@@ -332,6 +338,14 @@ def lockstep(side: LockstepSide, t_start: float) -> None:  # long: one step's ti
         for step in range(1, spec.steps + 1):
             batch = next(batches)
             lr = side.learning_rate(step - 1)
+            if spec.ops_at is not None:  # the operation pass: the teacher-forced trajectory, then one record
+                side.teacher_sync()
+                if step == spec.ops_at:
+                    side.record_ops(step, batch, lr, spec.dir)
+                    break
+                side.step(step, batch, lr)
+                side.reference_step(step, batch, lr)
+                continue
             timing: dict[str, float] = {}
             b.sync()
             t0 = time.perf_counter()

@@ -664,6 +664,9 @@ def _diverge_view(a, figs) -> list[dict]:
                 if isinstance(v, dict):
                     facts.append((k.replace("_", " "), ", ".join(f"{kk} {num(vv) if _isnum(vv) else vv}"
                                                                  for kk, vv in v.items() if vv not in (None, ""))))
+            ops = summ.get("ops")
+            if isinstance(ops, dict) and ops.get("line"):
+                facts.append(("operation", f"step {ops.get('step')}: {ops['line']}"))
             shown = {k: v for k, v in p.items() if k not in _DIVERGE_HIDE}
         else:
             shown = p

@@ -17,11 +17,17 @@ localisation stops at the module (link), said plainly in docs/diverge.md.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import numpy as np
 
 from devicediff.frameworks import _driver
 from devicediff.frameworks.chainer.backend import ChainerBackend
+
+
+#: the per-function summary ``record_ops`` writes beside ``ops.json`` (read by the diverge parent)
+OPS_SUMMARY = "ops-summary.json"
 
 
 def _link_name(path: str) -> str:
@@ -224,3 +230,44 @@ class ChainerLockstep(_driver.LockstepSide):
 
         res = _lockstep_step(self.wl_free, self.model_free, self.opt_free, batch, self.feed_free, lr)
         return res["loss"][LOSS_NAME], {f"{kind}/{n}": a for kind in ("weight", "optim") for n, a in res[kind].items()}
+
+    def record_ops(self, step: int, batch, lr, out_dir) -> dict:
+        """Per-function record of this step (``frameworks.chainer.ops``): ``ops.json`` and
+        ``ops.npz`` in ``out_dir``; returns the summary (first node whose saved inputs changed,
+        first suspect, the step's loss).
+
+        Runs the step's forward and backward once more on the working model, with the working
+        loop's arithmetic (its frame-buffer mode, a feeder of its own). Call it where the side
+        is at the step's start, as for a repeat: before ``step``, or after ``teacher_sync()``
+        and ``restore_carried(carried)``; it refuses a model that is not at the teacher-forced
+        state. Everything it touches is put back: the workload's carried state, the gradients;
+        no optimizer update, the backend's feeder and the step files are not touched."""
+        from devicediff.frameworks.chainer import ops
+        from devicediff.frameworks.chainer.common import FrameFeeder
+
+        b = self.backend
+        model, wl = b.model, b.workload
+        ref = dict(self.model64.namedparams())
+        for path, p in model.namedparams():
+            if not np.array_equal(chainer_to_cpu(p.array), ref[path].array.astype(p.array.dtype)):
+                raise RuntimeError(f"record_ops at step {step}: {path} is not at the teacher-forced state; call it "
+                                   "before the step's run or after teacher_sync() and restore_carried()")
+        carried, grads = self.carried_state(), {path: p.grad for path, p in model.namedparams()}
+        feed = FrameFeeder(b.feed.mode, b.feed.xp, b.feed.dtype)
+
+        def run():
+            model.cleargrads()
+            loss = wl.loss(model, batch, feed)
+            loss.backward()
+            loss.unchain_backward()
+            return loss
+
+        try:
+            summary = ops.record(run, model, out_dir, step)
+        finally:
+            self.restore_carried(carried)
+            for path, p in model.namedparams():
+                p.grad = grads[path]
+        summary["lr"] = lr
+        (Path(out_dir) / OPS_SUMMARY).write_text(json.dumps(summary))
+        return summary

@@ -36,6 +36,9 @@ Each step ``s = 1..N`` from one batch (the same batches a normal run sees):
 5. **Free running** (``free=True``): a third faithful copy, trained normally on the
    config and never re-synchronised.
 
+For ``devicediff diverge``'s operation pass, :meth:`TorchLockstep.record_ops` runs one step with
+every aten operation recorded (``frameworks/torch/ops.py``).
+
 Before step 1 a **parity check** runs the working model and a faithful copy of it
 in the working dtype on the first batch: if they differ, the reference is not the
 side's mathematics and the ``lockstep`` record says at which tensor.
@@ -360,8 +363,10 @@ class LocalModel:
             full = f"{name}.{bn}" if name != MODEL_NAME else bn
             self.entries[f"buffer/{full}"] = _local_entry(w.detach().clone(), new64.double(), mag.double(), n + 4, u)
 
-    def grads(self, work: dict[str, torch.Tensor]) -> None:
-        """After backward: replay each leaf module's parameter gradients from its calls."""
+    def grads(self, work: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+        """After backward: replay each leaf module's parameter gradients from its calls. ``scale``:
+        the loss scale the backward ran with (fp16's GradScaler; a power of two, so dividing the
+        held output gradients by it is exact), since ``work`` holds the unscaled gradients."""
         for name, calls in self.calls.items():
             m64 = self.mods64[name]
             params = [(pn, p) for pn, p in m64.named_parameters(recurse=False) if p.requires_grad]
@@ -374,7 +379,7 @@ class LocalModel:
                 g = holder.get("g")
                 if g is None:
                     continue
-                g64 = _f64(g)
+                g64 = _f64(g) / scale
                 with _quiet_replay(m64), torch.enable_grad():
                     # inputs that want a gradient, as in the step (a module's backward hooks see one)
                     xg = _map_tensors(lambda t: t.detach().requires_grad_() if t.is_floating_point() else t, x64)
@@ -531,8 +536,8 @@ def run_step(  # long: a keyword-only signature of ten names and the step's fixe
     order = list(recorder.grad_order) if recorder is not None else []
     order += [n for n in params if n not in order]  # params without hooks fire (none, or unused)
     grads = {n: params[n].grad.detach().clone() for n in order if params[n].grad is not None}
-    if local is not None:
-        local.grads(grads)
+    if local is not None:  # the output gradients it holds carry the scaler's factor; the gradients do not
+        local.grads(grads, scale=float(scaler.get_scale()) if scaler is not None else 1.0)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -881,6 +886,25 @@ class TorchLockstep(_driver.LockstepSide):
             teacher_sync(b.model, b.optimizer, self.model64, self.opt64)  # back to the step's start
         hit = parity(res_w, res_r, exact=not self.on_gpu and not cfg.get("compile"))
         self.info["parity"] = None if hit is None else {"tensor": hit[0], "rel": hit[1]}
+
+    def record_ops(self, step: int, batch, lr, out_dir: str) -> None:
+        """The config's step from the teacher state with every aten operation recorded
+        (``frameworks/torch/ops.py``), eagerly: a compiled or graph-captured forward is recorded as
+        the eager model runs it."""
+        from devicediff.frameworks.torch.ops import recording, write_record
+
+        b = self.backend
+        with recording(b.model, b.optimizer) as rec:
+            run_step(workload=b.workload, forward_model=b.model, model=b.model, optimizer=b.optimizer, batch=batch,
+                     device=b.device, seed=self.base_seed + step, lr=lr, recorder=None, autocast=self.autocast,
+                     scaler=self.scaler)
+        cuda = b.device.type == "cuda"
+        write_record(out_dir, {"framework": "torch", "torch": torch.__version__, "step": step, "device": str(b.device),
+                               "precision": self.precision,
+                               "tf32_matmul": cuda and (torch.backends.cuda.matmul.allow_tf32
+                                                        or torch.get_float32_matmul_precision() != "highest"),
+                               "tf32_conv": cuda and torch.backends.cudnn.enabled and torch.backends.cudnn.allow_tf32},
+                     rec)
 
     def reference_step(self, step: int, batch, lr):
         if self.ctx64 is not None and self._pre_ctx is not None:
