@@ -21,6 +21,8 @@ on synthetic regression data (no files needed), Adam. ``fault``:
 ``dropout = p`` adds ``nn.Dropout(p)`` (module ``drop``) after the BatchNorm's ReLU (issue 18).
 ``slope = s`` makes the second activation ``nn.LeakyReLU(s)`` (module ``act``): two configs with
 other slopes differ in that one operation (the operation-level tests, tests/diverge/test_ops.py).
+``inplace = true`` applies the first ReLU in place (``torch.relu_``): other operations, the same
+mathematics.
 
 ``prednet_gate(**params)``: the tiny chainer-lineage PredNet with a single perturbed operation
 inside the ConvLSTM gates (``fault = "gate_slope"``): the forget gate's pre-activation
@@ -41,7 +43,8 @@ FLAGS = {"gain": 1.0}  # the global flag of ``global_flag``: read at call time
 
 
 class MLP(nn.Module):
-    def __init__(self, d_in: int, hidden: int, momentum: float, fault: str, dropout: float = 0.0, slope: float = 0.0):
+    def __init__(self, d_in: int, hidden: int, momentum: float, fault: str, dropout: float = 0.0, slope: float = 0.0,
+                 inplace: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(d_in, hidden)
         self.bn = nn.BatchNorm1d(hidden, momentum=momentum)
@@ -51,11 +54,12 @@ class MLP(nn.Module):
         self.fc3 = nn.Linear(hidden, d_in)
         if slope:
             self.act = nn.LeakyReLU(slope)
-        self.fault = fault
+        self.fault, self.inplace = fault, inplace
         self.late = False  # set per batch by the workload (late_scale)
 
     def forward(self, x):
-        h = torch.relu(self.bn(self.fc1(x)))
+        h = self.bn(self.fc1(x))
+        h = torch.relu_(h) if self.inplace else torch.relu(h)
         if hasattr(self, "drop"):
             h = self.drop(h)
         h = self.fc2(h) * FLAGS["gain"]
@@ -70,8 +74,9 @@ class Faulty(Workload):
     name = "faulty-mlp"
 
     def __init__(self, *, fault: str = "none", fault_from: int = 1, n: int = 512, d_in: int = 16, hidden: int = 32,
-                 batch_size: int = 64, lr: float = 1e-3, dropout: float = 0.0, slope: float = 0.0):
-        self.dropout, self.slope = float(dropout), float(slope)
+                 batch_size: int = 64, lr: float = 1e-3, dropout: float = 0.0, slope: float = 0.0,
+                 inplace: bool = False):
+        self.dropout, self.slope, self.inplace = float(dropout), float(slope), bool(inplace)
         if fault not in FAULTS:
             raise ValueError(f"fault {fault!r}: one of {FAULTS}")
         self.fault, self.fault_from, self.batch_size, self.lr = fault, int(fault_from), int(batch_size), float(lr)
@@ -83,11 +88,12 @@ class Faulty(Workload):
 
     def describe(self):
         return {"fault": self.fault, "fault_from": self.fault_from, "dropout": self.dropout, "slope": self.slope,
+                "inplace": self.inplace,
                 "randomness": "nn.Dropout on the device generator" if self.dropout else "none"}
 
     def build_model(self, init_seed: int):
         model = MLP(self.d_in, self.hidden, 0.12 if self.fault == "bn_momentum" else 0.1, self.fault, self.dropout,
-                    self.slope)
+                    self.slope, self.inplace)
         FLAGS["gain"] = 1.001 if self.fault == "global_flag" else 1.0
         if self.fault == "tensor_hook":
             model.fc2.weight.register_hook(lambda g: g * 1.001)

@@ -63,6 +63,9 @@ def localised(a: str, b: str, step: int, tmp: Path, study_path: Path = FAULTS) -
     ("clean", "weight-decay", 1, "extra", "aten.add.Tensor", "optimizer", None, "weight_decay"),
     ("clean", "adam-beta2", 1, "math", "aten.addcmul_.default", "optimizer", None, "1 - beta2"),
     ("clean", "late-scale", 3, "extra", "aten.mul.Tensor", "forward", "<model>", "h * 1.001"),
+    # B applies the first ReLU in place (aten.relu_ where A issues aten.relu: the same mathematics,
+    # passed over) before the real fault, fc2's forward hook
+    ("clean", "inplace-forward-hook", 1, "extra", "aten.mul.Tensor", "forward", "fc2", "register_forward_hook"),
 ])
 
 

@@ -544,6 +544,19 @@ def _compare(ea: dict, eb: dict, arrays_a) -> dict | None:
     return {"kind": "math", **_describe(eb, "B"), "rel": rel, "args": args}
 
 
+def _same_maths(ea: dict, eb: dict, arrays_a) -> bool:
+    """Two differently named operations compute the same thing: both replay, in float64 on A's
+    inputs, to the same results (an in-place variant, another overload). Anything that cannot be
+    shown so (a random op, other shapes, an op that cannot be replayed on the CPU) is not."""
+    if ea["random"] or eb["random"] or [s for s, _ in ea["in"]] != [s for s, _ in eb["in"]]:
+        return False
+    ins = _inputs(arrays_a, ea)
+    try:  # what each produces: its results, and the inputs it writes (relu_'s result is its input)
+        return differ(replay(ea, ins), replay(eb, ins)) is None
+    except NotReplayable:
+        return False
+
+
 def _plain(args: list) -> str:
     return ", ".join(json.dumps(a) for a in args if not (isinstance(a, dict) and "t" in a))
 
@@ -639,8 +652,14 @@ def first_difference(a: _Side, b: _Side) -> tuple[dict | None, int, int]:
             if tag == "delete":
                 return {"kind": "missing", **_describe(la[0], "A")}, aligned, aligned
             if tag == "replace":
-                return ({"kind": "replaced", **_describe(lb[0], "B"), "op_a": la[0]["op"], "index_a": la[0]["i"]},
-                        aligned, aligned)
+                if len(la) != len(lb) or not all(_same_maths(ea, eb, a.arrays) for ea, eb in zip(la, lb)):
+                    return ({"kind": "replaced", **_describe(lb[0], "B"), "op_a": la[0]["op"], "index_a": la[0]["i"]},
+                            aligned, aligned)
+                # other operations for the same mathematics (relu_ for relu): aligned after all
+                for ea, eb in zip(la, lb):
+                    aligned += 1
+                    amap[eb["i"]] = ea["i"]
+                continue
             for ea, eb in zip(la, lb):
                 aligned += 1
                 named = _compare(ea, eb, a.arrays) or _data(ea, eb, a, b, amap)
