@@ -3,12 +3,14 @@ with warm workers (the default) and with one process per run (`--isolate`).
 
 Each variant is `devicediff run PRESET` in a fresh process, into a fresh store, so the wall time
 is what a user waits for: runner start-up, preflight, every worker, the final table. The script
-prints, per variant, the wall time, Σ train_time, their ratio, the study's efficiency
+prints, per variant, the wall time, Σ train_time, their ratio, the CPU seconds of the runner and its
+workers (steadier than wall on a shared machine), the study's efficiency
 (devicediff.analysis.efficiency: Σ(train + eval) / (wall × slots) and where the rest went),
 whether the final weights equal the other variants' bit for bit, and the targets of issue #17.
 
     python benchmarks/study_speed.py                          # quick on this machine: warm and isolated, --jobs 1 and 2
     python benchmarks/study_speed.py --repeats 3              # alternate the variants 3 times (a loaded machine)
+    python benchmarks/study_speed.py --jobs 1 --no-isolated --repeats 5 --src /tmp/before/src src   # A/B two trees
     # GPU host (docs/parallel.md): paper-autoencoder, compared with the stored H200 run's hashes
     DEVICEDIFF_MNIST=.devdata/mnist.pkl.gz python benchmarks/study_speed.py --preset paper-autoencoder \\
         --jobs 4 --gpu-slots 4 --no-isolated --reference docs/data/paper-autoencoder-h200.db --target-wall 60
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -66,21 +69,25 @@ sys.exit(code)
 """
 
 
-def run_variant(args, isolate: bool, jobs: int, workdir: Path) -> dict:
-    tag = f"{'isolated' if isolate else 'warm'}-j{jobs}"
+def run_variant(args, isolate: bool, jobs: int, workdir: Path, src: Path = SRC) -> dict:
+    tag = f"{'isolated' if isolate else 'warm'}-j{jobs}" + ("" if src == SRC else f"@{src.parent.name}")
     store = workdir / f"{tag}-{time.time_ns()}.db"
     timing_file = store.with_suffix(".timing.json")
-    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = {**os.environ, "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "SPEED_ISOLATE": "1" if isolate else "0", "SPEED_TIMING": str(timing_file)}
     cmd = [sys.executable, "-c", LAUNCHER, "run", args.preset, "--store", str(store), "-q", "--jobs", str(jobs)]
     if args.gpu_slots:
         cmd += ["--gpu-slots", str(args.gpu_slots)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the runner and every worker it waited for: less sensitive to other load than wall
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode not in (0, 1, 3):  # 1: a verdict says "differs"; 3: some runs failed (reported below)
         sys.exit(f"{tag}: devicediff run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {"tag": tag, "isolate": isolate, "jobs": jobs, "wall": wall, "store": store,
+    return {"tag": tag, "isolate": isolate, "jobs": jobs, "wall": wall, "cpu": cpu, "store": store,
             "timing": json.loads(timing_file.read_text()) if timing_file.exists() else {}}
 
 
@@ -117,13 +124,15 @@ def report(v: dict, slots: int, args) -> dict:
     eff = efficiency(df, v["wall"], slots)
     ok = (df["state"] == "finished").all()
     print(f"\n{v['tag']}: {len(df)} runs ({(df['state'] == 'finished').sum()} finished), wall {v['wall']:.1f} s, "
-          f"Σ train {eff['train']:.2f} s, wall/Σtrain {eff['wall_per_train']:.1f}×")
+          f"Σ train {eff['train']:.2f} s, wall/Σtrain {eff['wall_per_train']:.1f}×, CPU {v['cpu']:.1f} s, "
+          f"load average {os.getloadavg()[0]:.2f}")
     print("  " + describe(eff))
     print("  seconds: " + ", ".join(f"{k} {s:.1f}" for k, s in eff["parts"].items()))
     if not ok:
         print("  NOT FINISHED: " + "; ".join(f"{r.config} seed {r.seed}: {r.state}" for r in df.itertuples()
                                              if r.state != "finished"))
-    return {"wall": v["wall"], "ratio": eff["wall_per_train"], "eff": eff["efficiency"], "hashes": hashes(df), "ok": ok}
+    return {"wall": v["wall"], "ratio": eff["wall_per_train"], "eff": eff["efficiency"], "cpu": v["cpu"],
+            "train": eff["train"], "hashes": hashes(df), "ok": ok}
 
 
 def machine_line() -> str:
@@ -142,6 +151,9 @@ def main() -> None:
     ap.add_argument("--gpu-slots", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-isolated", action="store_true", help="skip the one-process-per-run variant")
+    ap.add_argument("--src", nargs="+", default=None, metavar="DIR",
+                    help="source trees (a checkout's src/ folder) to time against each other, alternating; "
+                         "default: this checkout's")
     ap.add_argument("--reference", default=None, help="a store whose final hashes every variant must match")
     ap.add_argument("--target-ratio", type=float, default=None,
                     help="target: wall <= this × Σ train time (default: 4 for quick, none otherwise)")
@@ -150,14 +162,16 @@ def main() -> None:
     if args.target_ratio is None:
         args.target_ratio = 4.0 if args.preset == "quick" else float("inf")
 
+    srcs = [Path(d).resolve() for d in args.src] if args.src else [SRC]
     print(f"machine: {machine_line()}; preset {args.preset}")
     modes = [False] + ([] if args.no_isolated else [True])
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="study_speed_") as tmp:
         for rep in range(args.repeats):
             for jobs in args.jobs:
-                for isolate in (modes if rep % 2 == 0 else modes[::-1]):  # alternate to spread machine noise
-                    v = run_variant(args, isolate, jobs, Path(tmp))
+                variants = [(src, isolate) for src in srcs for isolate in modes]
+                for src, isolate in (variants if rep % 2 == 0 else variants[::-1]):  # alternate: A B B A ...
+                    v = run_variant(args, isolate, jobs, Path(tmp), src)
                     results.setdefault(v["tag"], []).append(report(v, jobs, args))  # at most `jobs` runs at once
         print_summary(results, args)
 
@@ -171,16 +185,17 @@ def print_summary(results: dict[str, list[dict]], args) -> None:
     first = next(iter(results.values()))[0]["hashes"]
     print(f"\nsummary ({args.preset}; medians over {args.repeats} repeat(s)); targets: wall <= {args.target_ratio:g}× "
           f"Σ train and <= {args.target_wall:g} s")
-    print(f"{'variant':<14} {'wall s':>8} {'×train':>7} {'effic.':>7}  {'same bits':>9}  target")
+    print(f"{'variant':<14} {'wall s':>8} {'×train':>7} {'effic.':>7} {'CPU s':>7}  {'same bits':>9}  target")
     for tag, rs in results.items():
         wall = statistics.median(r["wall"] for r in rs)
         ratio = statistics.median(r["ratio"] for r in rs)
         eff = statistics.median(r["eff"] for r in rs)
+        cpu = statistics.median(r["cpu"] for r in rs)
         same = all(r["hashes"] == first for r in rs)
         if ref is not None:
             same = same and all(r["hashes"] == {k: ref.get(k) for k in r["hashes"]} for r in rs)
         met = ratio <= args.target_ratio and wall <= args.target_wall and all(r["ok"] for r in rs)
-        print(f"{tag:<14} {wall:8.1f} {ratio:7.1f} {100 * eff:6.0f}%  {'yes' if same else 'NO':>9}  "
+        print(f"{tag:<14} {wall:8.1f} {ratio:7.1f} {100 * eff:6.0f}% {cpu:7.1f}  {'yes' if same else 'NO':>9}  "
               f"{'met' if met else 'missed'}  (walls: {walls(rs)})")
     if ref is not None:
         print(f"hashes compared with {args.reference}: {len(ref)} finished runs there")

@@ -40,10 +40,18 @@ def _store(args, *, create: bool = True, readonly: bool = False):
 
 def cmd_run(args) -> int:
     t_cmd = time.perf_counter()
+    import atexit
+    import gc
+    import threading
+
+    # This process imported torch, pandas and scipy: at exit, freeze what exists so that the
+    # interpreter's exit collections skip it (about 1-2 s on the 2-core machine; 0.3 s left).
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+
     from devicediff.executors import make_executor
     from devicediff.progress import Progress
-    from devicediff.runner import preflight, run_study
-    from devicediff.tables import print_study
+    from devicediff.runner import likely_tasks, preflight, run_study
 
     overrides = parse_overrides(args.set)
     if args.data:
@@ -54,41 +62,71 @@ def cmd_run(args) -> int:
     if args.only:
         for name in args.only:
             study.config(name)  # unknown name: StudyError
-    pythons = preflight(study, args.only, wheelhouse=args.wheelhouse)
-    if args.executor == "ray" and args.jobs != 1:
-        print(f"devicediff: note: --jobs {args.jobs} is for the local executor and is ignored with --executor ray, "
-              "which runs as many runs at once as the cluster's CPUs and GPUs hold", file=sys.stderr)
-    executor = make_executor(args.executor, jobs=args.jobs, slots_per_gpu=args.gpu_slots, address=args.address,
-                             isolate=args.isolate)
-    store = _store(args)
-    console = wide_console()
-    progress = Progress(enabled=not args.quiet, jobs=args.jobs)
+    executor = None
     try:
-        if args.until_decided:
-            from devicediff.decide import look_line, run_until_decided
+        if args.executor == "local":
+            # Warm workers load torch while this process does its preflight (docs/parallel.md).
+            executor = make_executor("local", jobs=args.jobs, slots_per_gpu=args.gpu_slots, isolate=args.isolate,
+                                     prestart=True)
+            executor.prestart(likely_tasks(study, args.only, store_path=args.store))
+        # The store's and the final table's modules (pandas, scipy: 1-2 s) load while this process
+        # waits for the preflight and the runs; an error there is raised again where they are used.
+        imports = threading.Thread(target=_import_quietly, args=("devicediff.store", "devicediff.tables"), daemon=True)
+        imports.start()
+        # The workload is built for the preflight in a prestarted worker where one can: this
+        # process then never imports torch.
+        pythons = preflight(study, args.only, wheelhouse=args.wheelhouse,
+                            check=executor.check_workload if executor is not None else None)
+        if args.executor == "ray" and args.jobs != 1:
+            print(f"devicediff: note: --jobs {args.jobs} is for the local executor and is ignored with --executor ray, "
+                  "which runs as many runs at once as the cluster's CPUs and GPUs hold", file=sys.stderr)
+        if executor is None:
+            executor = make_executor(args.executor, jobs=args.jobs, slots_per_gpu=args.gpu_slots,
+                                     address=args.address, isolate=args.isolate)
+        store = _store(args)
+        console = wide_console()
+        progress = Progress(enabled=not args.quiet, jobs=args.jobs)
+        try:
+            if args.until_decided:
+                from devicediff.decide import look_line, run_until_decided
 
-            run_until_decided(study, store, max_seeds=args.max_seeds, batch=args.batch, executor=executor,
-                              progress=progress, store_path=args.store, retry_failed=args.retry_failed,
-                              only_configs=args.only, pythons=pythons,
-                              on_look=lambda p: console.print(look_line(p), highlight=False))
-        else:
-            res = run_study(study, store, store_path=args.store, executor=executor, retry_failed=args.retry_failed,
-                            progress=progress, only_configs=args.only, pythons=pythons)
-            show_efficiency(console, store, study, res, time.perf_counter() - t_cmd, args.jobs)
-        for name, why in getattr(executor, "fallbacks", {}).items():
-            console.print(f"config {name}: one process per run ({why})", highlight=False)
-        print_study(console, study, store)
-        store_arg = "" if args.store == "devicediff.db" else f" --store {args.store}"
-        console.print(f"runs stored in {args.store}; next: devicediff report{store_arg} --out report/", highlight=False)
-        failed = failed_runs(store, study, args.only)
+                run_until_decided(study, store, max_seeds=args.max_seeds, batch=args.batch, executor=executor,
+                                  progress=progress, store_path=args.store, retry_failed=args.retry_failed,
+                                  only_configs=args.only, pythons=pythons,
+                                  on_look=lambda p: console.print(look_line(p), highlight=False))
+            else:
+                res = run_study(study, store, store_path=args.store, executor=executor, retry_failed=args.retry_failed,
+                                progress=progress, only_configs=args.only, pythons=pythons)
+                show_efficiency(console, store, study, res, time.perf_counter() - t_cmd, args.jobs)
+            for name, why in getattr(executor, "fallbacks", {}).items():
+                console.print(f"config {name}: one process per run ({why})", highlight=False)
+            imports.join()
+            from devicediff.tables import print_study
+
+            print_study(console, study, store)
+            store_arg = "" if args.store == "devicediff.db" else f" --store {args.store}"
+            console.print(f"runs stored in {args.store}; next: devicediff report{store_arg} --out report/", highlight=False)
+            failed = failed_runs(store, study, args.only)
+        finally:
+            store.close()
     finally:
-        executor.close()
-        store.close()
+        if executor is not None:
+            executor.close()
     if failed:
         print(f"devicediff: {failed} run(s) failed or diverged (see the table above and each run's worker.log); "
               f"exit {EXIT_FAILED_RUNS}", file=sys.stderr)
         return EXIT_FAILED_RUNS
     return 0
+
+
+def _import_quietly(*modules: str) -> None:
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - whoever needs the module imports it again and sees the error
+            return
 
 
 def show_efficiency(console, store, study, res, wall: float, slots: int) -> None:

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from devicediff import frameworks
 from devicediff.errors import StudyError
@@ -24,9 +25,11 @@ from devicediff.fingerprint import host_facts, machine_id
 from devicediff.job import Job, Lockstep
 from devicediff.progress import Progress
 from devicediff.protocol import FAILED, FINISHED, INTERRUPTED, SKIPPED
-from devicediff.store import RunInfo, Store
 from devicediff.study import Cell, ExecConfig, Study
 from devicediff.workloads import make_workload, resolve_workload_name, twin
+
+if TYPE_CHECKING:  # the store (pandas) loads when a study is run, not when this module is imported
+    from devicediff.store import Store
 
 
 def run_id_for(study: Study, cell: Cell, machine: str) -> str:
@@ -79,11 +82,14 @@ def python_for(config: ExecConfig, *, wheelhouse: str | None = None) -> str:
     return config.python or frameworks.get(config.framework).python()
 
 
-def preflight(study: Study, configs: list[str] | None = None, *, wheelhouse: str | None = None) -> dict[str, str]:
+def preflight(study: Study, configs: list[str] | None = None, *, wheelhouse: str | None = None,
+              check: Callable[[str, dict], bool] | None = None) -> dict[str, str]:
     """Everything checked before the store is touched: each config's interpreter (making the
     Chainer environment if needed), that its framework has a version of the workload, and the
-    workload built once per distinct parameter set in this process (parameters, ranges, data).
-    Returns ``{config: python}``. Raises a ``DevicediffError`` (one line)."""
+    workload built once per distinct parameter set (parameters, ranges, data): by ``check(name,
+    params)`` where it says it did (``LocalExecutor.check_workload``: a prestarted worker of this
+    interpreter), else in this process. Returns ``{config: python}``. Raises a
+    ``DevicediffError`` (one line)."""
     name = resolve_workload_name(study.workload, study.directory)
     pythons, seen = {}, set()
     for cfg in study.configs:
@@ -97,7 +103,8 @@ def preflight(study: Study, configs: list[str] | None = None, *, wheelhouse: str
         key = repr(sorted(params.items()))
         if key not in seen:
             seen.add(key)
-            make_workload(name, params)
+            if check is None or not check(name, params):
+                make_workload(name, params)
     return pythons
 
 
@@ -133,20 +140,46 @@ def plan(study: Study, store: Store, *, retry_failed: bool = False, machine: str
     return machine, todo, kept
 
 
-def _begin(study: Study, store: Store, rid: str, cell: Cell, machine: str, run_dir: Path,
-           pythons: dict[str, str]) -> Task:
-    """The executor's task for one cell, its run recorded as started in the store."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    task = Task(
+def make_task(study: Study, cell: Cell, rid: str, run_dir: Path, python: str) -> Task:
+    """The executor's task for one cell (nothing created or recorded)."""
+    return Task(
         run_id=rid,
         job=build_job(study, cell, rid, run_dir),
         cpus=cell.config.threads or 1,
         gpus=1 if cell.config.is_gpu else 0,
         log_path=str(run_dir / "worker.log"),
-        python=pythons.get(cell.config.name) or python_for(cell.config),
+        python=python,
         ray_resources=dict(cell.config.ray_resources),
         label=f"{cell.config.name} seed={cell.seed}" + (f" rep={cell.repeat}" if study.repeats > 1 else ""),
     )
+
+
+def likely_tasks(study: Study, only_configs: list[str] | None = None, *, store_path: str = "devicediff.db") -> list[Task]:
+    """The tasks ``run_study`` will most likely hand its executor, known before preflight and
+    without the store (as if nothing had run yet), for starting warm workers ahead of time
+    (``LocalExecutor.prestart``). Configs whose interpreter is known only once an environment is
+    built (``packages``, another framework's) are left out. A wrong guess costs only the idle
+    workers it started."""
+    root = artifacts_root(store_path) if store_path != ":memory:" else Path("/nonexistent")
+    out = []
+    for cell in study.cells():
+        cfg = cell.config
+        if (only_configs and cfg.name not in only_configs) or cfg.packages or cfg.framework != "torch":
+            continue
+        if frameworks.get(cfg.framework).environment and not cfg.python:
+            continue
+        rid = f"likely-{len(out)}"
+        out.append(make_task(study, cell, rid, root / rid, cfg.python or sys.executable))
+    return out
+
+
+def _begin(study: Study, store: Store, rid: str, cell: Cell, machine: str, run_dir: Path,
+           pythons: dict[str, str]) -> Task:
+    """The executor's task for one cell, its run recorded as started in the store."""
+    from devicediff.store import RunInfo
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = make_task(study, cell, rid, run_dir, pythons.get(cell.config.name) or python_for(cell.config))
     store.begin_run(
         RunInfo(rid, study.study_id, cell.key, cell.config.name, cell.seed, cell.init_seed, cell.data_seed,
                 cell.repeat, study.workload, cell.config.to_dict(), machine),

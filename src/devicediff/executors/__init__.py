@@ -8,7 +8,7 @@ __all__ = ["Executor", "Task", "LocalExecutor", "make_executor"]
 
 def make_executor(kind: str = "local", **kw) -> Executor:
     if kind == "local":
-        return LocalExecutor(**{k: v for k, v in kw.items() if k in ("jobs", "slots_per_gpu", "isolate")})
+        return LocalExecutor(**{k: v for k, v in kw.items() if k in ("jobs", "slots_per_gpu", "isolate", "prestart")})
     if kind == "ray":
         from devicediff.executors.ray import RayExecutor
 

@@ -21,6 +21,16 @@ back. Several slots may run the same config. Configs whose process state cannot
 be reset, and every run with ``isolate=True`` (``--isolate``), get a fresh
 process per run. Each run's ``effective.placement.worker`` says which.
 
+Prestarting (``prestart=True``, what ``devicediff run`` uses): a warm worker spends seconds
+loading its framework before it can run anything, so the executor starts some ahead of time,
+each with exactly the environment, interpreter and cores its slot will give it, and the slot
+adopts it when it starts: the first slots' workers (``prestart(tasks)``, called before the
+runner's preflight), and, with ``jobs == 1``, the next config's worker while the current run
+leaves cores idle. A prestarted worker that no slot adopts (the prediction was wrong, e.g. a
+resumed study) is killed at the end. Runs never overlap more than ``jobs`` allows: a prestarted
+worker runs nothing until its slot starts. One of them may build the workload for the runner's
+preflight (``check_workload``), so that the runner need not import torch.
+
 Every worker runs in a session of its own. It dies with the thread that
 started it (Linux ``PR_SET_PDEATHSIG``), so a runner killed by ``SIGKILL``
 leaves no orphan behind that could write checkpoints or artifacts; elsewhere
@@ -30,20 +40,24 @@ touch the store: the parent is its only writer.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, TextIO
 
 from devicediff.executors.base import Executor, Task, describe_exit, log_tail, worker_env
 from devicediff.executors.warm import isolation_reason, run_session, warm_key
+from devicediff import errors
 from devicediff.job import Job
 from devicediff.protocol import FAILED, RECORD_FD_ENV, SKIPPED, read_records
-from devicediff.worker import SPAWNED_ENV
+from devicediff.worker import EARLY_LOG_ENV, PRELOAD_ENV, SPAWNED_ENV
 
 CORES_ENV = "DEVICEDIFF_CORES"
 PARENT_ENV = "DEVICEDIFF_PARENT_PID"
@@ -109,15 +123,17 @@ def place_job(job: Job, gpu: str | None) -> tuple[Job, dict]:
     return job, note
 
 
-def start_worker(task: Task, env: dict, cores: list[int] | None) -> tuple[subprocess.Popen, int]:
-    """Start a worker (jobs go to its stdin) with a record pipe; returns ``(proc, read_fd)``."""
+def start_worker(task: Task, env: dict, cores: list[int] | None, *,
+                 log_path: str | None = None) -> tuple[subprocess.Popen, int]:
+    """Start a worker (jobs go to its stdin) with a record pipe, its output to ``log_path``
+    (default: the task's log); returns ``(proc, read_fd)``."""
     r, w = os.pipe()
     env = {**env, RECORD_FD_ENV: str(w), PARENT_ENV: str(os.getpid()), SPAWNED_ENV: repr(time.time())}
     env.pop(CORES_ENV, None)
     if cores and hasattr(os, "sched_setaffinity"):
         env[CORES_ENV] = ",".join(map(str, cores))
     try:
-        with open(task.log_path, "ab") as log:
+        with open(log_path or task.log_path, "ab") as log:
             proc = subprocess.Popen(
                 [task.python or sys.executable, "-c", BOOT],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -189,6 +205,38 @@ def run_worker(
         emit({"kind": "done", "state": FAILED, "error": describe_exit(code) + (": " + " | ".join(tail) if tail else "")})
 
 
+@dataclass
+class _Prestarted:
+    """A warm worker started ahead of its slot, loading its framework (or ready), not yet adopted."""
+
+    signature: str
+    proc: subprocess.Popen
+    stream: TextIO  # its records
+    early_log: str
+    python: str
+    plain_env: bool  # its config sets no environment variables of its own
+
+    def __post_init__(self) -> None:
+        self.records = read_records(self.stream)
+
+    def discard(self) -> None:
+        kill_worker(self.proc)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        for close in (self.stream.close, lambda: os.unlink(self.early_log)):
+            try:
+                close()
+            except OSError:
+                pass
+
+
+def _signature(key: str, env: dict, cores: list[int] | None) -> str:
+    """What a warm worker is fixed to at its start: only a slot with the same may adopt it."""
+    return json.dumps([key, sorted(env.items()), cores])
+
+
 class _Slot:
     """Cores and a GPU slot held by one worker thread, running tasks of one warm key (or one task)."""
 
@@ -201,14 +249,19 @@ class _Slot:
 
 class LocalExecutor(Executor):
     def __init__(self, *, jobs: int = 1, slots_per_gpu: int = 1, pin_cores: bool | None = None,
-                 isolate: bool = False):
+                 isolate: bool = False, prestart: bool = False):
         self.jobs = max(1, int(jobs))
         self.slots_per_gpu = max(1, int(slots_per_gpu))
         # Pin only when running several at once: a lone run keeps the cores it was given.
         self.pin_cores = (self.jobs > 1) if pin_cores is None else pin_cores
         self.isolate = bool(isolate)  # one fresh process per run (--isolate)
+        self.prestart_workers = bool(prestart) and not self.isolate  # start warm workers ahead of their slots
         self.fallbacks: dict[str, str] = {}  # config name -> why its runs got a process each
+        self.adopted = 0  # prestarted workers a slot took over (tests, benchmarks)
+        self.checked = 0  # preflight builds a prestarted worker did (check_workload)
         self._procs: dict[int, subprocess.Popen] = {}
+        self._idle: list[_Prestarted] = []  # prestarted, not adopted yet
+        self._prestarted_for: set[str] = set()  # run ids a worker was prestarted for during execute
         self._lock = threading.Lock()
         self._closing = False
 
@@ -235,6 +288,12 @@ class LocalExecutor(Executor):
         return keys
 
     # -- run -----------------------------------------------------------------------------------
+    @staticmethod
+    def _beyond(task: Task, gpus: list[str]) -> int | None:
+        """N when the task asks for ``cuda:N`` and this machine shows no GPU N (it is skipped)."""
+        want = requested_gpu(task.job.device) if task.gpus else None
+        return want if want is not None and gpus and want >= len(gpus) else None
+
     def execute(self, tasks: list[Task]) -> Iterator[tuple[Task, dict]]:
         cores_all = available_cores()
         free = {"cores": list(cores_all), "gpus": {g: self.slots_per_gpu for g in visible_gpus()}}
@@ -242,8 +301,8 @@ class LocalExecutor(Executor):
         out: queue.Queue = queue.Queue()
         pending: list[Task] = []
         for task in tasks:
-            want = requested_gpu(task.job.device) if task.gpus else None
-            if want is not None and gpus and want >= len(gpus):
+            want = self._beyond(task, gpus)
+            if want is not None:
                 yield task, {"kind": "done", "state": SKIPPED,
                              "error": f"config asks for cuda:{want} but this machine shows {len(gpus)} GPU(s)"}
             else:
@@ -256,6 +315,7 @@ class LocalExecutor(Executor):
         try:
             while pending or running:
                 self._start_fitting(pending, keys, free, len(cores_all), running, out)
+                self._prestart_next(pending, keys, cores_all, gpus, running)
                 msg = out.get()
                 if msg[0] == "next":  # a warm slot finished a run: the next cell of its config, if any
                     slot = msg[1]
@@ -277,7 +337,8 @@ class LocalExecutor(Executor):
                     yield task, rec
                     store_time[task.run_id] = store_time.get(task.run_id, 0.0) + time.perf_counter() - t
         finally:
-            # Closed early (the parent failed or was interrupted): stop what still runs.
+            # Closed early (the parent failed or was interrupted): stop what still runs;
+            # and prestarted workers no slot took.
             self.kill_all()
 
     @staticmethod
@@ -293,15 +354,15 @@ class LocalExecutor(Executor):
             if task.run_id not in finished:
                 yield task, {"kind": "done", "state": FAILED, "error": f"executor: {slot.error or 'the run ended without a result'}"}
 
-    def _start_fitting(self, pending: list[Task], keys: dict, free: dict, n_cores: int, running: list[_Slot],
-                       out: queue.Queue) -> None:
-        """Start a slot for each pending task (in order) whose cores and GPU slot are free."""
+    def _fitting(self, pending: list[Task], free: dict, n_cores: int, n_running: int) -> Iterator[tuple[Task, list[int], str | None]]:
+        """Take each pending task (in order) whose cores and GPU slot are free: ``(task, cores, gpu)``,
+        removed from ``pending`` and its resources from ``free``."""
         i = 0
-        while i < len(pending) and len(running) < self.jobs:
+        while i < len(pending) and n_running < self.jobs:
             task = pending[i]
             need = min(max(1, task.cpus), n_cores)
             ok, gpu = self._pick_gpu(task, list(free["gpus"]), free["gpus"])
-            if not ok or (len(free["cores"]) < need and running):
+            if not ok or (len(free["cores"]) < need and n_running):
                 i += 1
                 continue
             cores = free["cores"][:need]
@@ -309,9 +370,118 @@ class LocalExecutor(Executor):
             if gpu is not None:
                 free["gpus"][gpu] -= 1
             pending.pop(i)
+            n_running += 1
+            yield task, cores, gpu
+
+    def _start_fitting(self, pending: list[Task], keys: dict, free: dict, n_cores: int, running: list[_Slot],
+                       out: queue.Queue) -> None:
+        """Start a slot for each pending task (in order) whose cores and GPU slot are free."""
+        for task, cores, gpu in self._fitting(pending, free, n_cores, len(running)):
             slot = _Slot(keys[task.run_id], cores, gpu)
             running.append(slot)
             self._start_slot(slot, task, out)
+
+    # -- prestarted warm workers ---------------------------------------------------------------
+    def _slot_env(self, task: Task, key: str, cores: list[int], gpu: str | None) -> tuple[dict, list[int] | None, str]:
+        """The environment and cores a warm slot for ``task`` starts its worker with, and their signature."""
+        job, _ = place_job(task.job, gpu)
+        env = worker_env(job, gpu_index=gpu)
+        pinned = cores if self.pin_cores else None
+        return env, pinned, _signature(key, env, pinned)
+
+    def prestart(self, tasks: list[Task]) -> int:
+        """Start the warm workers of the slots ``execute(tasks)`` will start first, so that they load
+        their framework while the caller still prepares (preflight, store). Returns how many."""
+        if not self.prestart_workers:
+            return 0
+        cores_all = available_cores()
+        gpus = visible_gpus()
+        free = {"cores": list(cores_all), "gpus": {g: self.slots_per_gpu for g in gpus}}
+        pending = [t for t in tasks if self._beyond(t, gpus) is None]
+        started = 0
+        for task, cores, gpu in list(self._fitting(pending, free, len(cores_all), 0)):
+            if isolation_reason(task) is None and self._start_idle(task, warm_key(task), cores, gpu):
+                started += 1
+        return started
+
+    def _prestart_next(self, pending: list[Task], keys: dict, cores_all: list[int], gpus: list[str],
+                       running: list[_Slot]) -> None:
+        """With one slot at a time: start the worker of the slot that comes next (the first pending
+        task of another config) while the running one leaves cores idle. At most two wait at once."""
+        if not self.prestart_workers or self.jobs != 1 or len(running) != 1 or len(self._idle) >= 2:
+            return
+        slot = running[0]
+        if slot.key is None or len(slot.cores) >= len(cores_all):
+            return
+        nxt = next((t for t in pending if keys[t.run_id] != slot.key), None)
+        if nxt is None or keys[nxt.run_id] is None or nxt.run_id in self._prestarted_for:
+            return
+        self._prestarted_for.add(nxt.run_id)
+        free = {"cores": list(cores_all), "gpus": {g: self.slots_per_gpu for g in gpus}}  # as when this slot ends
+        for task, cores, gpu in self._fitting([nxt], free, len(cores_all), 0):
+            self._start_idle(task, keys[task.run_id], cores, gpu)
+
+    def _start_idle(self, task: Task, key: str, cores: list[int], gpu: str | None) -> bool:
+        env, pinned, sig = self._slot_env(task, key, cores, gpu)
+        fd, early_log = tempfile.mkstemp(prefix="devicediff-worker-", suffix=".log")
+        os.close(fd)
+        env = {**env, PRELOAD_ENV: task.job.framework, EARLY_LOG_ENV: early_log}
+        try:
+            proc, r = start_worker(task, env, pinned, log_path=early_log)
+        except OSError:
+            os.unlink(early_log)
+            return False  # its slot will start one itself, and say what is wrong
+        stream = os.fdopen(r, "r", errors="replace")
+        with self._lock:
+            self._idle.append(_Prestarted(sig, proc, stream, early_log, task.python, not task.job.config.get("env")))
+        return True
+
+    def _adopt(self, signature: str) -> tuple[subprocess.Popen, TextIO, str] | None:
+        """A prestarted worker with this signature, still alive, handed over; None if there is none."""
+        with self._lock:
+            for i, w in enumerate(self._idle):
+                if w.signature == signature and w.proc.poll() is None:
+                    del self._idle[i]
+                    self.adopted += 1
+                    return w.proc, w.stream, w.early_log
+        return None
+
+    def check_workload(self, name: str, params: dict) -> bool:
+        """The runner's preflight build of a built-in workload with ``params``, done in a prestarted
+        worker of this interpreter (which loads torch anyway) instead of in this process, which then
+        need not import torch at all. True: built without error. Raises the ``DevicediffError``
+        the build raised (the same class and message). False: not done there (no such worker, it
+        died, or the error was no user's): build it here, as without a worker."""
+        from devicediff.workloads import builtin_name
+
+        if builtin_name(name) is None:  # a user's workload may read what differs in a worker's environment
+            return False
+        with self._lock:
+            w = next((w for w in self._idle if w.python == sys.executable and w.plain_env and w.proc.poll() is None), None)
+        if w is None:
+            return False
+        try:
+            w.proc.stdin.write((json.dumps({"check": {"workload": name, "params": params}}) + "\n").encode())
+            w.proc.stdin.flush()
+        except (OSError, TypeError, ValueError):  # a dead worker, or parameters JSON cannot carry
+            return False
+        rec = next((r for r in w.records if r.get("kind") == "checked"), None)
+        if rec is None:
+            return False  # it died
+        err = rec.get("error")
+        if err is None:
+            self.checked += 1
+            return True
+        cls = getattr(errors, str(err.get("type")), None) if err.get("module") == errors.__name__ else None
+        if isinstance(cls, type) and issubclass(cls, errors.DevicediffError):
+            raise cls(err.get("message", ""))
+        return False
+
+    def _discard_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.discard()
 
     def _start_slot(self, slot: _Slot, first: Task, out: queue.Queue) -> None:
         """A thread that runs ``first`` (and, warm, the further tasks of its key) and then ends the slot.
@@ -357,6 +527,9 @@ class LocalExecutor(Executor):
                 env = worker_env(task.job, gpu_index=slot.gpu)  # the same for every task of a warm key
                 if slot.key is None:
                     run_worker(task, env, pinned, lambda rec: emit(task, rec), on_start=register)
+                elif self.prestart_workers:
+                    sig = _signature(slot.key, env, pinned)
+                    run_session(task, next_task, env, pinned, emit, on_start=register, adopt=lambda: self._adopt(sig))
                 else:
                     run_session(task, next_task, env, pinned, emit, on_start=register)
             except BaseException as e:  # noqa: BLE001 - a run's failure is a record (made at "end")
@@ -374,6 +547,7 @@ class LocalExecutor(Executor):
             procs = list(self._procs.values())
         for proc in procs:
             kill_worker(proc)
+        self._discard_idle()
 
     def close(self) -> None:
         self.kill_all()

@@ -21,6 +21,10 @@ where that reset would not make a run equal to a fresh process's:
 - ``devicediff diverge`` sides (``lockstep``): two sides must run at once, each in its own process.
 
 ``--isolate`` (``LocalExecutor(isolate=True)``) runs every run in a fresh process.
+
+A warm worker loads its framework before it reads its first job (``DEVICEDIFF_PRELOAD``), so the
+executor may start one ahead of time (``prestart``: while the runner does its preflight, or while
+the slot before it still runs) and hand it its first job when its slot starts (``adopt``).
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from typing import Callable
+from typing import Callable, TextIO
+
+import time
 
 from devicediff.executors.base import Task, describe_exit, log_tail
 from devicediff.protocol import FAILED, read_records
+from devicediff.worker import PRELOAD_ENV
 
 def isolation_reason(task: Task) -> str | None:
     """Why this task must run in a fresh process of its own, or None if a warm worker may run it."""
@@ -63,14 +70,15 @@ def warm_key(task: Task) -> str:
 class WarmProcess:
     """A worker process fed one job at a time; ``run`` sends a job and passes its records on."""
 
-    def __init__(self, proc: subprocess.Popen, read_fd: int):
+    def __init__(self, proc: subprocess.Popen, read: int | TextIO, early_log: str | None = None):
         self.proc = proc
-        self._stream = os.fdopen(read_fd, "r", errors="replace")
+        self._stream = os.fdopen(read, "r", errors="replace") if isinstance(read, int) else read
         self._records = read_records(self._stream)
         self.runs = 0  # jobs sent to this process
+        self.early_log = early_log  # a prestarted worker's output before its first job (it moves it)
 
     def send(self, task: Task) -> bool:
-        line = json.dumps({"job": json.loads(task.job.to_json()), "log": task.log_path})
+        line = json.dumps({"job": json.loads(task.job.to_json()), "log": task.log_path, "sent": time.time()})
         try:
             self.proc.stdin.write((line + "\n").encode())
             self.proc.stdin.flush()
@@ -105,6 +113,11 @@ class WarmProcess:
             kill_worker(self.proc)
             code = self.proc.wait()
         self._stream.close()
+        if self.early_log:  # died before its first job took the file over
+            try:
+                os.unlink(self.early_log)
+            except OSError:
+                pass
         return code
 
 
@@ -116,9 +129,12 @@ def run_session(
     emit: Callable[[Task, dict], None],
     *,
     on_start: Callable[[subprocess.Popen], None] | None = None,
+    adopt: Callable[[], tuple[subprocess.Popen, TextIO, str] | None] | None = None,
 ) -> None:
     """Run ``first`` and then every task ``next_task`` hands out, in one warm worker process
-    started with ``env`` on ``cores`` (``on_start`` sees each process started).
+    started with ``env`` on ``cores`` (``on_start`` sees each process started). ``adopt`` hands
+    over a worker started ahead of time with that environment and those cores, if there is one:
+    ``(process, record stream, early log)``.
 
     Each task ends with exactly one ``done`` record. A worker that dies loses only the run it was
     in: that run is recorded as failed and the next task gets a fresh worker. A task the worker
@@ -127,10 +143,15 @@ def run_session(
     from devicediff.executors.local import start_worker
 
     def spawn(task: Task) -> WarmProcess:
-        proc, r = start_worker(task, env, cores)
+        ready = adopt() if adopt is not None else None
+        if ready is not None:
+            proc, r, early_log = ready
+        else:
+            proc, r = start_worker(task, {**env, PRELOAD_ENV: task.job.framework}, cores)
+            early_log = None
         if on_start is not None:
             on_start(proc)
-        return WarmProcess(proc, r)
+        return WarmProcess(proc, r, early_log)
 
     worker: WarmProcess | None = None
     task: Task | None = first
