@@ -70,14 +70,14 @@ AUTOCAST = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}
 # -- capture --------------------------------------------------------------------------------
 
 
-def _tensor_leaves(out: Any) -> list[torch.Tensor]:
+def tensor_leaves(out: Any) -> list[torch.Tensor]:
     """Tensors in a module output, depth first (tuples, lists, dicts, NamedTuples)."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensor_leaves(v)]
+        return [t for v in out.values() for t in tensor_leaves(v)]
     if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensor_leaves(v)]
+        return [t for v in out for t in tensor_leaves(v)]
     return []
 
 
@@ -141,7 +141,7 @@ class Recorder:
                 return
             if is_root and not isinstance(out, torch.Tensor):
                 return  # a structured model output (PredNet's) is seen through its leaves
-            leaves = _tensor_leaves(out)
+            leaves = tensor_leaves(out)
             if not leaves:
                 return
             snap = [t.detach().clone() for t in leaves]
@@ -295,7 +295,7 @@ class LocalModel:
         u = self.u_of(mod)
         with _quiet_replay(m64), torch.no_grad():
             before = torch.get_rng_state()
-            outs = _tensor_leaves(m64(*x64))
+            outs = tensor_leaves(m64(*x64))
             if not torch.equal(before, torch.get_rng_state()):
                 self.random.add(name)
                 return
@@ -339,7 +339,7 @@ class LocalModel:
         if params and norm is None:
             absp = {n: p.detach().abs() for n, p in params.items()}
             absx = _map_tensors(lambda t: t.abs() if t.is_floating_point() else t, x64)
-            absouts = _tensor_leaves(torch.func.functional_call(m64, absp, tuple(absx)))
+            absouts = tensor_leaves(torch.func.functional_call(m64, absp, tuple(absx)))
             if len(absouts) == len(outs):
                 mags = [m + a.abs() for m, a in zip(mags, absouts)]
         return mags
@@ -383,11 +383,11 @@ class LocalModel:
                 with _quiet_replay(m64), torch.enable_grad():
                     # inputs that want a gradient, as in the step (a module's backward hooks see one)
                     xg = _map_tensors(lambda t: t.detach().requires_grad_() if t.is_floating_point() else t, x64)
-                    out = _tensor_leaves(m64(*xg))[0]
+                    out = tensor_leaves(m64(*xg))[0]
                     got = torch.autograd.grad(out, [p for _, p in params], g64, allow_unused=True)
                     absp = {pn: p.detach().abs().requires_grad_() for pn, p in params}
                     absx = _map_tensors(lambda t: t.abs().requires_grad_() if t.is_floating_point() else t, x64)
-                    aout = _tensor_leaves(torch.func.functional_call(m64, absp, tuple(absx)))[0]
+                    aout = tensor_leaves(torch.func.functional_call(m64, absp, tuple(absx)))[0]
                     agot = torch.autograd.grad(aout, list(absp.values()), g64.abs(), allow_unused=True)
                 norm = _norm_parts(m64, x64[0]) if isinstance(x64[0], torch.Tensor) else None
                 for i, (pn, p) in enumerate(params):
@@ -467,13 +467,13 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 def carried_attrs(workload: Workload, before: dict) -> dict[str, Any]:
     """The workload's attributes reassigned during a step (``before``: ``vars`` at its start)
     that hold tensors: the recurrent state it carries to the next batch."""
-    return {k: v for k, v in vars(workload).items() if v is not before.get(k) and _tensor_leaves(v)}
+    return {k: v for k, v in vars(workload).items() if v is not before.get(k) and tensor_leaves(v)}
 
 
 def carry_tensors(attrs: dict[str, Any]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in attrs.items():
-        leaves = _tensor_leaves(v)
+        leaves = tensor_leaves(v)
         for i, t in enumerate(leaves):
             out[k if len(leaves) == 1 else f"{k}.{i}"] = t.detach().clone()
     return out
@@ -756,12 +756,12 @@ class TorchLockstep(_driver.LockstepSide):
         wl, wl64 = vars(self.backend.workload), vars(self.wl64)
         for name in self._carry_names:
             w, r = wl.get(name), wl64.get(name)
-            lw, lr = _tensor_leaves(w), _tensor_leaves(r)
+            lw, lr = tensor_leaves(w), tensor_leaves(r)
             if not lw or len(lw) != len(lr) or any(x.shape != y.shape for x, y in zip(lw, lr)):
                 continue
             it = iter(lr)
             wl[name] = _map_tensors(lambda t: next(it).to(t.dtype).to(t.device), w)
-            it = iter(_tensor_leaves(wl[name]))
+            it = iter(tensor_leaves(wl[name]))
             wl64[name] = _map_tensors(lambda t: next(it).to("cpu", t.dtype), r)
 
     def restore_carried(self, state: dict) -> None:

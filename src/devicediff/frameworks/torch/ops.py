@@ -54,6 +54,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from devicediff.frameworks.torch.lockstep import tensor_leaves as _leaves
 from devicediff.stepfiles import MODEL_NAME
 
 RECORD, ARRAYS = "ops.json", "ops.npz"
@@ -88,16 +89,6 @@ _PKG = str(Path(__file__).parents[2]) + os.sep
 _WORKLOADS = _PKG + "workloads" + os.sep
 _DRIVER = _PKG + "frameworks" + os.sep  # the lockstep step: nothing further out issued an operation
 _WRAPPERS = (_TORCH + "_dynamo" + os.sep, _TORCH + "_compile.py", _TORCH + "utils" + os.sep + "_contextlib.py")
-
-
-def _leaves(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _leaves(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _leaves(v)]
-    return []
 
 
 # -- recording ----------------------------------------------------------------------------------
