@@ -17,7 +17,8 @@ A warm worker is started with ``DEVICEDIFF_PRELOAD=<framework>``: it loads that 
 PyTorch also ``torch._dynamo``, which the first ``torch.optim`` optimizer would import, about
 1.5 s) before it reads its first job, so a worker the executor starts ahead of time
 (*prestarted*, docs/parallel.md) is ready when its first job comes. A prestarted worker's output
-before that job goes to ``DEVICEDIFF_EARLY_LOG``, which is copied into the first job's log.
+before that job goes to a file without a name (``DEVICEDIFF_EARLY_LOG=1``: its stdout, readable),
+which is copied into the first job's log; a killed worker leaves nothing behind.
 Before its first job such a worker may get ``{"check": {"workload": ..., "params": {...}}}``: it
 builds the workload for the runner's preflight and answers with a ``checked`` record; its first
 run then starts from the state noted before the check, as a warm worker's next run does.
@@ -48,7 +49,7 @@ from devicediff.protocol import FAILED, SKIPPED, RecordWriter, Skip
 
 SPAWNED_ENV = "DEVICEDIFF_SPAWNED_AT"  # time.time() when the executor started this process
 PRELOAD_ENV = "DEVICEDIFF_PRELOAD"  # a framework to load before the first job (warm workers)
-EARLY_LOG_ENV = "DEVICEDIFF_EARLY_LOG"  # a prestarted worker's output before its first job
+EARLY_LOG_ENV = "DEVICEDIFF_EARLY_LOG"  # "1": stdout is a nameless file holding the output from before the first job
 NO_RESET_ENV = "DEVICEDIFF_WARM_NO_RESET"  # tests only: skip the reset, to show that it matters
 EXIT_CANNOT_RESET = 75  # exited before a job's "started": the executor runs that job in a fresh worker
 RESETTABLE = ("torch",)  # frameworks whose process state a warm worker can put back
@@ -170,19 +171,18 @@ def _input_waiting() -> bool:
         return False
 
 
-def redirect_output(path: str, early_log: str | None = None) -> None:
-    """Send this process's stdout and stderr (Python's and the C libraries') to ``path``; what
-    went to ``early_log`` before (a prestarted worker's output) is copied there first."""
+def redirect_output(path: str, keep_early: bool = False) -> None:
+    """Send this process's stdout and stderr (Python's and the C libraries') to ``path``; with
+    ``keep_early``, what this process wrote to its stdout so far (a prestarted worker's nameless
+    early log) is copied there first."""
     sys.stdout.flush()
     sys.stderr.flush()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        if early_log:
+        if keep_early:
             try:
-                with open(early_log, "rb") as f:
-                    os.write(fd, f.read())
-                os.unlink(early_log)
-            except OSError:
+                os.write(fd, os.pread(1, os.fstat(1).st_size, 0))
+            except (OSError, AttributeError):  # not readable, or no pread here: the early lines are lost
                 pass
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -258,7 +258,7 @@ def main() -> None:
     # made (about 1 s on the 2-core machine, paid after every warm worker's last run; 0.3 s left).
     atexit.register(gc.freeze)
     preload = os.environ.pop(PRELOAD_ENV, "")
-    early_log = os.environ.pop(EARLY_LOG_ENV, "") or None
+    early_log = os.environ.pop(EARLY_LOG_ENV, "") == "1"
     writer = RecordWriter()
     state = ProcessState()
     ready = None  # time.time() when the preload was done
@@ -288,7 +288,7 @@ def main() -> None:
             continue
         job, log, sent = job_of(msg)
         if log:
-            redirect_output(log, early_log if n == 0 else None)
+            redirect_output(log, keep_early=early_log and n == 0)
         if n == 0:
             if preload and ready is None:  # the job came before the rest of the preload: that first
                 ready = _preload_more(state)

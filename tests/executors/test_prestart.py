@@ -29,7 +29,7 @@ CONFIGS = [{"name": "a", "threads": 1}, {"name": "b", "threads": 1}]
 
 @pytest.fixture
 def tmpdir_for_logs(tmp_path, monkeypatch) -> Path:
-    """Early logs go to tempfile's folder: a private one, to see that none is left."""
+    """tempfile's folder: a private one, to see that prestarting leaves no file there."""
     d = tmp_path / "tmp"
     d.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(d))
@@ -79,7 +79,7 @@ def test_prestarted_workers_are_adopted_and_give_the_same_bits(tmp_path, tmpdir_
     # the first run did not count the 8 s its ready worker waited as start-up
     first = pre["a|seed=0|rep=0"]["timing"]
     assert first["startup"] < 8.0, first
-    assert not list(tmpdir_for_logs.iterdir())  # every early log was taken over
+    assert not list(tmpdir_for_logs.iterdir())  # early logs have no name: nothing to take over or leave
 
 
 def test_a_prestarted_worker_no_slot_takes_is_killed(tmp_path, tmpdir_for_logs):
@@ -95,18 +95,18 @@ def test_a_prestarted_worker_no_slot_takes_is_killed(tmp_path, tmpdir_for_logs):
     assert not list(tmpdir_for_logs.iterdir())
 
 
-def test_a_prestarted_workers_early_output_reaches_the_first_runs_log(tmp_path, tmpdir_for_logs):
-    study = _study(tmp_path, "early")
-    ex = LocalExecutor(jobs=1, prestart=True)
-    ex.prestart(likely_tasks(load_study(study), ["a"], store_path=str(tmp_path / "e.db")))
-    (idle,) = ex._idle
-    with open(idle.early_log, "a") as f:  # as if the worker had printed it while loading
-        f.write("said before its first job\n")
-    out = _run(study, tmp_path / "e.db", ex, only=["a"])
-    assert ex.adopted == 1
-    assert Path(out["a|seed=0|rep=0"]["log"]).read_text().startswith("said before its first job\n")
-    assert "said before" not in Path(out["a|seed=1|rep=0"]["log"]).read_text()
-    assert not list(tmpdir_for_logs.iterdir())
+def test_early_output_goes_to_a_nameless_file_and_then_to_the_first_runs_log(tmp_path):
+    """What a prestarted worker prints before its first job (its stdout: a nameless file) is copied
+    into that job's log when it switches to it; no file with a name is ever made for it."""
+    import subprocess
+
+    log = tmp_path / "run.log"
+    code = ("import sys, os; from devicediff.worker import redirect_output; print('said while loading', flush=True); "
+            "os.write(2, b'and on stderr\\n'); redirect_output(sys.argv[1], keep_early=True); print('said in the run')")
+    with tempfile.TemporaryFile("w+b") as early:
+        subprocess.run([sys.executable, "-c", code, str(log)], stdout=early, stderr=subprocess.STDOUT, check=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(HERE.parent.parent / "src")})
+    assert log.read_text() == "said while loading\nand on stderr\nsaid in the run\n"
 
 
 def test_a_failed_preflight_leaves_no_worker_or_file_behind(tmp_path):
@@ -119,7 +119,28 @@ def test_a_failed_preflight_leaves_no_worker_or_file_behind(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "autoencoder.sizes" in r.stderr
     assert not (tmp_path / "bad.db").exists()
-    assert not list(tmp.iterdir())  # the prestarted worker's early log is gone with it
+    assert not list(tmp.iterdir())  # the prestarted worker left no file
+
+
+def test_a_runner_killed_while_its_workers_load_leaves_no_file(tmp_path):
+    import signal
+    import subprocess
+
+    from conftest import ROOT
+
+    study = tmp_path / "ae.toml"
+    study.write_text(TINY_AE)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.pop(0); from devicediff.cli import main; main()",
+                          "run", str(study), "--store", str(tmp_path / "k.db"), "-q"], cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src"), "TMPDIR": str(tmp)},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # its first worker is loading torch
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    time.sleep(0.5)
+    assert not list(tmp.iterdir())
 
 
 TINY_AE = """name = "tiny-ae"

@@ -27,7 +27,7 @@ each with exactly the environment, interpreter and cores its slot will give it, 
 adopts it when it starts: the first slots' workers (``prestart(tasks)``, called before the
 runner's preflight), and, with ``jobs == 1``, the next config's worker while the current run
 leaves cores idle. A prestarted worker that no slot adopts (the prediction was wrong, e.g. a
-resumed study) is killed at the end. Runs never overlap more than ``jobs`` allows: a prestarted
+resumed study) is killed at the end; its output until its first job goes to a file without a name. Runs never overlap more than ``jobs`` allows: a prestarted
 worker runs nothing until its slot starts. One of them may build the workload for the runner's
 preflight (``check_workload``), so that the runner need not import torch.
 
@@ -50,7 +50,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, TextIO
+from typing import BinaryIO, Callable, Iterator, TextIO
 
 from devicediff.executors.base import Executor, Task, describe_exit, log_tail, worker_env
 from devicediff.executors.warm import isolation_reason, run_session, warm_key
@@ -124,16 +124,16 @@ def place_job(job: Job, gpu: str | None) -> tuple[Job, dict]:
 
 
 def start_worker(task: Task, env: dict, cores: list[int] | None, *,
-                 log_path: str | None = None) -> tuple[subprocess.Popen, int]:
-    """Start a worker (jobs go to its stdin) with a record pipe, its output to ``log_path``
-    (default: the task's log); returns ``(proc, read_fd)``."""
+                 log: BinaryIO | None = None) -> tuple[subprocess.Popen, int]:
+    """Start a worker (jobs go to its stdin) with a record pipe, its output to ``log`` (default:
+    the task's log file); returns ``(proc, read_fd)``."""
     r, w = os.pipe()
     env = {**env, RECORD_FD_ENV: str(w), PARENT_ENV: str(os.getpid()), SPAWNED_ENV: repr(time.time())}
     env.pop(CORES_ENV, None)
     if cores and hasattr(os, "sched_setaffinity"):
         env[CORES_ENV] = ",".join(map(str, cores))
     try:
-        with open(log_path or task.log_path, "ab") as log:
+        with (log or open(task.log_path, "ab")) as log:
             proc = subprocess.Popen(
                 [task.python or sys.executable, "-c", BOOT],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -212,7 +212,6 @@ class _Prestarted:
     signature: str
     proc: subprocess.Popen
     stream: TextIO  # its records
-    early_log: str
     python: str
     plain_env: bool  # its config sets no environment variables of its own
 
@@ -225,11 +224,10 @@ class _Prestarted:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        for close in (self.stream.close, lambda: os.unlink(self.early_log)):
-            try:
-                close()
-            except OSError:
-                pass
+        try:
+            self.stream.close()
+        except OSError:
+            pass
 
 
 def _signature(key: str, env: dict, cores: list[int] | None) -> str:
@@ -423,27 +421,26 @@ class LocalExecutor(Executor):
 
     def _start_idle(self, task: Task, key: str, cores: list[int], gpu: str | None) -> bool:
         env, pinned, sig = self._slot_env(task, key, cores, gpu)
-        fd, early_log = tempfile.mkstemp(prefix="devicediff-worker-", suffix=".log")
-        os.close(fd)
-        env = {**env, PRELOAD_ENV: task.job.framework, EARLY_LOG_ENV: early_log}
+        env = {**env, PRELOAD_ENV: task.job.framework, EARLY_LOG_ENV: "1"}
         try:
-            proc, r = start_worker(task, env, pinned, log_path=early_log)
+            # Its output until its first job: a file without a name (nothing is left if it is killed),
+            # readable by the worker, which copies it into that job's log.
+            proc, r = start_worker(task, env, pinned, log=tempfile.TemporaryFile("w+b"))
         except OSError:
-            os.unlink(early_log)
             return False  # its slot will start one itself, and say what is wrong
         stream = os.fdopen(r, "r", errors="replace")
         with self._lock:
-            self._idle.append(_Prestarted(sig, proc, stream, early_log, task.python, not task.job.config.get("env")))
+            self._idle.append(_Prestarted(sig, proc, stream, task.python, not task.job.config.get("env")))
         return True
 
-    def _adopt(self, signature: str) -> tuple[subprocess.Popen, TextIO, str] | None:
+    def _adopt(self, signature: str) -> tuple[subprocess.Popen, TextIO] | None:
         """A prestarted worker with this signature, still alive, handed over; None if there is none."""
         with self._lock:
             for i, w in enumerate(self._idle):
                 if w.signature == signature and w.proc.poll() is None:
                     del self._idle[i]
                     self.adopted += 1
-                    return w.proc, w.stream, w.early_log
+                    return w.proc, w.stream
         return None
 
     def check_workload(self, name: str, params: dict) -> bool:

@@ -70,12 +70,11 @@ def warm_key(task: Task) -> str:
 class WarmProcess:
     """A worker process fed one job at a time; ``run`` sends a job and passes its records on."""
 
-    def __init__(self, proc: subprocess.Popen, read: int | TextIO, early_log: str | None = None):
+    def __init__(self, proc: subprocess.Popen, read: int | TextIO):
         self.proc = proc
         self._stream = os.fdopen(read, "r", errors="replace") if isinstance(read, int) else read
         self._records = read_records(self._stream)
         self.runs = 0  # jobs sent to this process
-        self.early_log = early_log  # a prestarted worker's output before its first job (it moves it)
 
     def send(self, task: Task) -> bool:
         line = json.dumps({"job": json.loads(task.job.to_json()), "log": task.log_path, "sent": time.time()})
@@ -113,11 +112,6 @@ class WarmProcess:
             kill_worker(self.proc)
             code = self.proc.wait()
         self._stream.close()
-        if self.early_log:  # died before its first job took the file over
-            try:
-                os.unlink(self.early_log)
-            except OSError:
-                pass
         return code
 
 
@@ -129,12 +123,12 @@ def run_session(
     emit: Callable[[Task, dict], None],
     *,
     on_start: Callable[[subprocess.Popen], None] | None = None,
-    adopt: Callable[[], tuple[subprocess.Popen, TextIO, str] | None] | None = None,
+    adopt: Callable[[], tuple[subprocess.Popen, TextIO] | None] | None = None,
 ) -> None:
     """Run ``first`` and then every task ``next_task`` hands out, in one warm worker process
     started with ``env`` on ``cores`` (``on_start`` sees each process started). ``adopt`` hands
     over a worker started ahead of time with that environment and those cores, if there is one:
-    ``(process, record stream, early log)``.
+    ``(process, record stream)``.
 
     Each task ends with exactly one ``done`` record. A worker that dies loses only the run it was
     in: that run is recorded as failed and the next task gets a fresh worker. A task the worker
@@ -145,13 +139,12 @@ def run_session(
     def spawn(task: Task) -> WarmProcess:
         ready = adopt() if adopt is not None else None
         if ready is not None:
-            proc, r, early_log = ready
+            proc, r = ready
         else:
             proc, r = start_worker(task, {**env, PRELOAD_ENV: task.job.framework}, cores)
-            early_log = None
         if on_start is not None:
             on_start(proc)
-        return WarmProcess(proc, r, early_log)
+        return WarmProcess(proc, r)
 
     worker: WarmProcess | None = None
     task: Task | None = first
