@@ -16,6 +16,8 @@ on synthetic regression data (no files needed), Adam. ``fault``:
 ``adam_beta2``            Adam ``betas = (0.9, 0.99)`` instead of 0.999 (optimizer state only)
 ``tiny_eps``              fc2's output times (1 + 1e-9): below float32 resolution (a true negative)
 ``late_scale``            from step ``fault_from`` on (read from the batch), fc2's output times 1.001
+``foreach``               Adam(foreach=True): the multi-tensor kernels PyTorch picks on a GPU, here on
+                          the CPU (not a fault: the same update through other operations)
 ========================  =====================================================================
 
 ``dropout = p`` adds ``nn.Dropout(p)`` (module ``drop``) after the BatchNorm's ReLU (issue 18).
@@ -38,7 +40,7 @@ from torch import nn
 from devicediff.spec import Batch, Workload
 
 FAULTS = ("none", "tensor_hook", "forward_hook", "backward_hook", "global_flag", "weight_decay", "bn_momentum",
-          "adam_beta2", "tiny_eps", "late_scale")
+          "adam_beta2", "tiny_eps", "late_scale", "foreach")
 FLAGS = {"gain": 1.0}  # the global flag of ``global_flag``: read at call time
 
 
@@ -108,6 +110,8 @@ class Faulty(Workload):
             return torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=1e-2)
         if self.fault == "adam_beta2":
             return torch.optim.Adam(model.parameters(), lr=self.lr, betas=(0.9, 0.99))
+        if self.fault == "foreach":
+            return torch.optim.Adam(model.parameters(), lr=self.lr, foreach=True)
         return torch.optim.Adam(model.parameters(), lr=self.lr)
 
     def steps_per_epoch(self) -> int:

@@ -111,6 +111,17 @@ def test_sides_without_faults_name_no_operation_and_no_suspect(tmp_path, a, b, s
     assert all(v["ratio"] < 0.5 for v in r["largest_own"].values()), r["largest_own"]
 
 
+def test_a_multi_tensor_optimizer_is_said_not_named(tmp_path):
+    """Adam(foreach=True), as PyTorch picks it on a GPU, against the per-tensor Adam of the CPU: the
+    same update through other operations in another order. The pass compares forward and backward
+    and says the optimizer was left to the module level; it names no operation."""
+    r = localised("clean", "foreach", 1, tmp_path)
+    assert r["named"] is None and not r["suspect"], r["line"]
+    assert r["not_compared"].startswith("the optimizer phase was not compared operation by operation: B issues "
+                                        "multi-tensor kernels"), r["line"]
+    assert r["line"].endswith("(the module level judges its results)") and r["agree"] > 20, r["line"]
+
+
 def test_a_broken_kernel_is_off_its_own_rounding_bound(tmp_path):
     """A side whose recorded result of one operation is 1e-4 off its own float64 replay (a broken
     kernel) is suspect at that operation; rounding alone stays inside the bound."""
@@ -214,3 +225,48 @@ def test_no_ops_stops_at_the_module(tmp_path, capsys):
                  "--store", str(tmp_path / "s.db")])
     out = capsys.readouterr().out
     assert code == 1 and "operation level" not in out, out
+
+
+# -- on the GPU machine: the pass across devices ---------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("a, b, kind, op, phase, module, code", [
+    # CPU float32 against the GPU with the slope changed: the single-operation fault across devices
+    ("leaky", "leaky-slope-cuda", "math", "aten.leaky_relu.default", "forward", "act", "self.act(h)"),
+    # a parameter's tensor hook, GPU against GPU and CPU against GPU
+    ("clean-cuda", "tensor-hook-cuda", "extra", "aten.mul.Tensor", "backward", "fc2", "weight.register_hook"),
+    ("clean", "tensor-hook-cuda", "extra", "aten.mul.Tensor", "backward", "fc2", "weight.register_hook"),
+])
+@pytest.mark.gpu
+@needs_gpu
+def test_on_the_gpu_a_planted_fault_lands_on_its_operation(tmp_path, a, b, kind, op, phase, module, code):
+    r = localised(a, b, 1, tmp_path)
+    print(f"\n[ops gpu] {a} vs {b}: {r['line']}")
+    n = r["named"]
+    assert n is not None, r["line"]
+    assert (n["kind"], n["op"], n["phase"], n["module"]) == (kind, op, phase, module), r["line"]
+    assert code in n["source"]["code"], n["source"]
+    assert not r["suspect"], r["line"]
+
+
+@pytest.mark.parametrize("a, b, study", [
+    ("clean", "clean-cuda", FAULTS),
+    ("cpu-1t", "cuda", HERE / "prednet_tiny.toml"),
+])
+@pytest.mark.gpu
+@needs_gpu
+def test_on_the_gpu_sides_without_faults_name_nothing_before_the_optimizer_and_no_suspect(tmp_path, a, b, study):
+    """CPU float32 against the GPU (TF32 off), no fault: every forward and backward operation agrees
+    on A's inputs, and neither side is off its own rounding bound. The optimizer may be issued
+    differently (CUDA's ``_foreach_*`` Adam): that is said, never named as a difference."""
+    if b == "cuda":
+        text = study.read_text() + '\n[[configs]]\nname = "cuda"\ndevice = "cuda"\ntf32 = false\n'
+        study = tmp_path / "gpu.toml"
+        study.write_text(text)
+    r = localised(a, b, 1, tmp_path / "w", study)
+    print(f"\n[ops gpu] {a} vs {b}: {r['line']}\n  largest own: {r['largest_own']}")
+    assert not r["suspect"], r["line"]
+    assert r["named"] is None, r["line"]
+    assert r["aligned"] == r["agree"] > 20

@@ -631,21 +631,36 @@ def _data(ea: dict, eb: dict, a: _Side, b: _Side, amap: dict) -> dict | None:
     return None
 
 
-def first_difference(a: _Side, b: _Side) -> tuple[dict | None, int, int]:
-    """``(named, aligned, agreeing)``: the first difference between two sides' operations (module
-    docstring), and how many aligned pairs were compared and agreed before it."""
+def _multi_tensor(ops: list[dict]) -> bool:
+    return any(e["op"].split(".")[1].startswith(("_foreach", "_fused")) for e in ops)
+
+
+def first_difference(a: _Side, b: _Side) -> tuple[dict | None, int, int, str | None]:
+    """``(named, aligned, agreeing, not_compared)``: the first difference between two sides'
+    operations (module docstring), how many aligned pairs were compared and agreed before it, and
+    a phase that was not compared operation by operation (why, in words) or None.
+
+    A phase one side issues as multi-tensor kernels (``_foreach_*``/``_fused_*``: PyTorch's optimizers
+    on a GPU) and the other as per-tensor operations (on the CPU) computes the same update through
+    other operations in another order; it is left to the module level rather than named."""
     amap: dict[int, int] = {}  # B's operation -> A's, for the pairs aligned so far
     aligned = 0
     for phase in PHASES:
-        for tag, la, lb in _alignment(_math_ops(a.entries, phase), _math_ops(b.entries, phase)):
+        oa, ob = _math_ops(a.entries, phase), _math_ops(b.entries, phase)
+        if _multi_tensor(oa) != _multi_tensor(ob):
+            multi, single = ("A", "B") if _multi_tensor(oa) else ("B", "A")
+            return None, aligned, aligned, (f"the {phase} phase was not compared operation by operation: {multi} "
+                                            f"issues multi-tensor kernels (_foreach_/_fused_), {single} per-tensor "
+                                            f"operations (the module level judges its results)")
+        for tag, la, lb in _alignment(oa, ob):
             if tag == "insert":
-                return {"kind": "extra", **_describe(lb[0], "B")}, aligned, aligned
+                return {"kind": "extra", **_describe(lb[0], "B")}, aligned, aligned, None
             if tag == "delete":
-                return {"kind": "missing", **_describe(la[0], "A")}, aligned, aligned
+                return {"kind": "missing", **_describe(la[0], "A")}, aligned, aligned, None
             if tag == "replace":
                 if len(la) != len(lb) or not all(_same_maths(ea, eb, a.arrays) for ea, eb in zip(la, lb)):
                     return ({"kind": "replaced", **_describe(lb[0], "B"), "op_a": la[0]["op"], "index_a": la[0]["i"]},
-                            aligned, aligned)
+                            aligned, aligned, None)
                 # other operations for the same mathematics (relu_ for relu): aligned after all
                 for ea, eb in zip(la, lb):
                     aligned += 1
@@ -655,9 +670,9 @@ def first_difference(a: _Side, b: _Side) -> tuple[dict | None, int, int]:
                 aligned += 1
                 named = _compare(ea, eb, a.arrays) or _data(ea, eb, a, b, amap)
                 if named:
-                    return {**named, "index_a": ea["i"]}, aligned, aligned - 1
+                    return {**named, "index_a": ea["i"]}, aligned, aligned - 1, None
                 amap[eb["i"]] = ea["i"]
-    return None, aligned, aligned
+    return None, aligned, aligned, None
 
 
 def localise(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> dict:
@@ -675,7 +690,7 @@ def localise(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> dict:
 
 def _localise(dir_a, dir_b, t0: float) -> dict:
     sides = {"A": _Side(read_record(dir_a)), "B": _Side(read_record(dir_b))}
-    named, aligned, agree = first_difference(sides["A"], sides["B"])
+    named, aligned, agree, not_compared = first_difference(sides["A"], sides["B"])
     suspect, largest = {}, {}
     for side, sd in sides.items():
         for e in sd.entries:
@@ -688,7 +703,7 @@ def _localise(dir_a, dir_b, t0: float) -> dict:
             if ratio > 1 and side not in suspect:
                 suspect[side] = {**_describe(e, side), **own, "ratio": ratio}
     out = {"step": sides["A"].header.get("step"), "ops": {k: len(v.entries) for k, v in sides.items()},
-           "aligned": aligned, "agree": agree,
+           "aligned": aligned, "agree": agree, "not_compared": not_compared,
            "named": named, "suspect": suspect, "largest_own": largest, "time": round(time.perf_counter() - t0, 3)}
     out["line"] = ops_line(out)
     return out
@@ -700,6 +715,8 @@ def ops_line(r: dict) -> str:
     if n is None:
         line = (f"no operation of step {r['step']} computes different mathematics: {r['agree']} aligned operations "
                 f"agree on A's inputs in float64")
+        if r.get("not_compared"):
+            line += f"; {r['not_compared']}"
     else:
         what = f"{n['op']} ({n['phase']}) {n['where']}, inputs {_shapes(n['inputs'])}"
         tail = "; every operation before it agrees"
