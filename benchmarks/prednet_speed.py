@@ -18,7 +18,8 @@ never used by the workload's default (join several with "+"): ``nocudnn``,
 ``tf32``, ``cudagraph`` (whole step captured, Adam(capturable=True)),
 ``compile`` (torch.compile, default mode), ``batch_wgrad`` (each conv's weight
 gradient once per step over all time steps, ``PredNet.set_batch_wgrad``) and
-``routes`` (the fastest cuDNN entry points measured by ``--conv-table`` in
+``flipfresh`` (the routed convs flip their weights at every call, as
+before the flip cache), ``routes`` (the fastest cuDNN entry points measured by ``--conv-table`` in
 this run, instead of the table shipped in model.py), ``plain`` (no routes:
 conv2d everywhere) and ``naive`` (a straightforward port
 with four separate gate convolutions, for comparison).
@@ -46,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from devicediff.workloads.prednet.model import PredNet, build_prednet  # noqa: E402
+from devicediff.workloads.prednet.model import Conv3x3, PredNet, build_prednet  # noqa: E402
 from devicediff.workloads.prednet.workload import lotter_loss, window_mse_loss  # noqa: E402
 
 # fp32 (non-tensor-core) peak, TFLOP/s, from NVIDIA's datasheets.
@@ -162,6 +163,10 @@ def make_case(variant: str, device: torch.device, option: str):
         model.set_conv_routes(dict(MEASURED_ROUTES))
     if "plain" in opts:  # conv2d and autograd's own backward everywhere (the model before issue 7's routes)
         model.set_conv_routes("plain")
+    if "flipfresh" in opts:  # the routed convs flip their weights at every call (before the flip cache)
+        for m in model.modules():
+            if isinstance(m, Conv3x3):
+                m.cache_flipped = False
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=("cudagraph" in opts))
     fwd = torch.compile(model) if "compile" in opts else model
 
@@ -216,6 +221,21 @@ def count_flops(loss_fn) -> int:
     return fc.get_total_flops()
 
 
+def host_probe(n: int = 4000) -> dict:
+    """How fast this process's host side is right now: microseconds per tiny CPU torch operation
+    (the dispatcher and Python, as every launch pays them), and the core the main thread is on."""
+    a = torch.ones(1)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a = a.add(1.0)
+    us = (time.perf_counter() - t0) / n * 1e6
+    try:
+        core = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        core = None
+    return {"us_per_op": us, "core": core}
+
+
 def measure(variant: str, device: torch.device, option: str, steps: int, warmup: int) -> dict:
     with flags(device, option):
         model, step, loss_fn, s = make_case(variant, device, option)
@@ -238,14 +258,33 @@ def measure(variant: str, device: torch.device, option: str, steps: int, warmup:
             run = step
         sync(device)
         warm_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(steps):
+        probe = host_probe()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if device.type == "cuda" else []
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(steps):
+            if marks:
+                marks[i].record()
             run()
+        if marks:
+            marks[-1].record()
         sync(device)
         dt = (time.perf_counter() - t0) / steps
+        cpu = (time.process_time() - c0) / steps
+        issue = []  # the host's time to issue one step, from an idle GPU (an upper bound where the queue fills)
+        for _ in range(5 if device.type == "cuda" else 0):
+            t1 = time.perf_counter()
+            run()
+            issue.append((time.perf_counter() - t1) * 1e3)
+            sync(device)
+    # per step, on the GPU's clock (event to event: a step's kernels plus any time the GPU waited for
+    # the CPU to issue them), and the CPU time the process spent per step
+    per = sorted(marks[i].elapsed_time(marks[i + 1]) for i in range(steps)) if marks else []
     out = {"variant": variant, "device": str(device), "option": option, "batch": s["batch"],
            "frames": s["frames"], "size": f"{s['height']}x{s['width']}", "step_ms": dt * 1e3,
-           "seq_per_s": s["batch"] / dt, "warmup_s": warm_s}
+           "seq_per_s": s["batch"] / dt, "warmup_s": warm_s, "cpu_ms_per_step": cpu * 1e3,
+           "host": probe, "issue_ms": sorted(issue)[len(issue) // 2] if issue else None}
+    if per:
+        out["gpu_step_ms"] = {"min": per[0], "median": per[len(per) // 2], "max": per[-1]}
     if flops:
         out["tflop_per_step"] = flops / 1e12
         out["tflops"] = flops / dt / 1e12
@@ -482,6 +521,10 @@ def main(argv=None) -> int:
                     extra = f"  {r['tflop_per_step']:.3f} TFLOP/step  {r['tflops']:.1f} TFLOP/s"
                     if peak:
                         extra += f" ({100 * r['tflops'] / peak:.0f}% of fp32 peak)"
+                if "gpu_step_ms" in r:
+                    g = r["gpu_step_ms"]
+                    extra += (f"  GPU per step {g['min']:.1f}/{g['median']:.1f}/{g['max']:.1f} ms, issued in "
+                              f"{r['issue_ms']:.1f} ms, host {r['host']['us_per_op']:.2f} us/op on core {r['host']['core']}")
                 print(f"{variant:16s} {option:16s} {r['step_ms']:8.2f} ms/step  {r['seq_per_s']:7.1f} seq/s"
                       f"  (warm-up {r['warmup_s']:.1f} s){extra}", flush=True)
         if "naive" in options:

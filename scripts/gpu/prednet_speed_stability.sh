@@ -17,6 +17,9 @@
 #
 #   bash scripts/gpu/prednet_speed_stability.sh [OUTDIR]      # default OUTDIR: prednet-stability
 #   CALLS=5 STEPS=50 bash scripts/gpu/prednet_speed_stability.sh
+#   SECTIONS="default" OPTS=eager,naive,plain,cudagraph bash scripts/gpu/prednet_speed_stability.sh
+# SECTIONS (default: all) picks among: default expandable pinned profile convtable cudnn; OPTS are
+# the benchmark options timed in each call (default eager,naive; eager is the default step).
 #
 # Expected wall time on one H200 host: about 6 minutes (5 calls ~25 s each, 5 with the other
 # allocator, 5 pinned, 2 conv tables, 2 cuDNN-logged calls, 1 profile). Everything printed is
@@ -26,6 +29,9 @@ cd "$(dirname "$0")/../.."
 OUT=${1:-prednet-stability}
 CALLS=${CALLS:-5}
 STEPS=${STEPS:-40}
+OPTS=${OPTS:-eager,naive}
+SECTIONS=${SECTIONS:-default expandable pinned profile convtable cudnn}
+want() { case " $SECTIONS " in *" $1 "*) return 0;; esac; return 1; }
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -47,73 +53,95 @@ call() {  # call TAG N [env...] -- extra benchmark args
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
     --format=csv,noheader -lms 200 > "$OUT/$tag-$n.clocks.csv" 2>/dev/null &
   local sampler=$!
-  env ${envs[@]+"${envs[@]}"} $BENCH --options eager,naive --json "$OUT/$tag-$n.json" "$@" > "$OUT/$tag-$n.log" 2>&1
+  env ${envs[@]+"${envs[@]}"} $BENCH --options "$OPTS" --json "$OUT/$tag-$n.json" "$@" > "$OUT/$tag-$n.log" 2>&1
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
   grep -E "seq/s|FAILED" "$OUT/$tag-$n.log" | sed "s/^/  $tag call $n: /"
 }
 
-summarise() {  # summarise TAG: the calls' numbers, spread, targets, clocks during each call
+summarise() {  # summarise TAG: each option's seq/s per call, spread, targets, clocks during each call
   $PY - "$OUT" "$1" "$CALLS" <<'PY'
 import csv, json, statistics, sys
 out, tag, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rows = []
+rows, opts = [], []
 for n in range(1, calls + 1):
     try:
-        res = {r["option"]: r["seq_per_s"] for r in json.load(open(f"{out}/{tag}-{n}.json"))}
+        raw = json.load(open(f"{out}/{tag}-{n}.json"))
+        res = {r["option"]: r["seq_per_s"] for r in raw}
+        ev = next((r for r in raw if r["option"] == "eager"), {})
+        print(f"[{tag}] call {n}: default step on the GPU's clock min/median/max "
+              + "/".join(f"{v:.1f}" for v in ev.get("gpu_step_ms", {}).values())
+              + f" ms; issued in {ev.get('issue_ms') or float('nan'):.1f} ms from an idle GPU; host "
+              + f"{ev.get('host', {}).get('us_per_op', float('nan')):.2f} us per tiny op, core {ev.get('host', {}).get('core')}")
     except (OSError, ValueError):
         res = {}
-    sm = []
+    opts += [o for o in res if o not in opts]
+    sm, pw = [], []
     try:
         for line in csv.reader(open(f"{out}/{tag}-{n}.clocks.csv")):
             try:
                 sm.append(float(line[1].split()[0]))
+                pw.append(float(line[3].split()[0]))
             except (IndexError, ValueError):
                 pass
     except OSError:
         pass
-    rows.append((n, res.get("eager"), res.get("naive"), sm))
-print(f"[{tag}] call  default seq/s  naive seq/s  ratio   SM MHz during call (min/median/max)")
-for n, d, v, sm in rows:
-    ratio = d / v if d and v else float("nan")
+    rows.append((n, res, sm, pw))
+print(f"[{tag}] call  " + "  ".join(f"{o:>10}" for o in opts) + "  default/naive  SM MHz min/median/max  W max")
+for n, res, sm, pw in rows:
+    ratio = res["eager"] / res["naive"] if res.get("eager") and res.get("naive") else float("nan")
     clk = f"{min(sm):.0f}/{statistics.median(sm):.0f}/{max(sm):.0f}" if sm else "?"
-    print(f"[{tag}] {n:4d}  {d or float('nan'):13.1f}  {v or float('nan'):11.1f}  {ratio:5.2f}   {clk}")
-d = [r[1] for r in rows if r[1]]
-ratios = [r[1] / r[2] for r in rows if r[1] and r[2]]
+    print(f"[{tag}] {n:4d}  " + "  ".join(f"{res.get(o, float('nan')):10.1f}" for o in opts)
+          + f"  {ratio:13.2f}  {clk:>20}  {max(pw) if pw else float('nan'):5.0f}")
+for o in opts:
+    v = [r[1][o] for r in rows if r[1].get(o)]
+    if v:
+        print(f"[{tag}] {o}: min {min(v):.1f}, median {statistics.median(v):.1f}, max {max(v):.1f} seq/s; "
+              f"spread (max-min)/median {100 * (max(v) - min(v)) / statistics.median(v):.1f}%")
+d = [r[1]["eager"] for r in rows if r[1].get("eager")]
+ratios = [r[1]["eager"] / r[1]["naive"] for r in rows if r[1].get("eager") and r[1].get("naive")]
 if d:
-    spread = (max(d) - min(d)) / statistics.median(d)
-    print(f"[{tag}] default: min {min(d):.1f}, median {statistics.median(d):.1f}, max {max(d):.1f} seq/s; "
-          f"spread (max-min)/median {100 * spread:.1f}%")
     print(f"[{tag}] target >= 60 seq/s in every call: {'met' if len(d) == calls and min(d) >= 60 else 'MISSED'}; "
           f">= 1.7x naive in every call: {'met' if len(ratios) == calls and min(ratios) >= 1.7 else 'MISSED'} "
           f"(min ratio {min(ratios) if ratios else float('nan'):.2f})")
 PY
 }
 
+if want default; then
 echo; echo "== $CALLS calls, default settings"
 for n in $(seq 1 "$CALLS"); do call default "$n"; done
 summarise default
+fi
 
+if want expandable; then
 echo; echo "== $CALLS calls, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
 for n in $(seq 1 "$CALLS"); do call expandable "$n" PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; done
 summarise expandable
+fi
 
+if want pinned; then
 echo; echo "== $CALLS calls pinned to cores 0-3 (taskset)"
 BENCH_SAVED=$BENCH
 BENCH="taskset -c 0-3 $BENCH_SAVED"
 for n in $(seq 1 "$CALLS"); do call pinned "$n"; done
 BENCH=$BENCH_SAVED
 summarise pinned
+fi
 
+if want profile; then
 echo; echo "== kernel time vs wall time of the default step (one call, --profile)"
-$BENCH --options eager --profile --profile-options eager > "$OUT/profile.log" 2>&1
+$BENCH --options eager,plain --profile --profile-options eager,plain > "$OUT/profile.log" 2>&1
 grep -A14 "^\[profile" "$OUT/profile.log"
+fi
 
+if want convtable; then
 echo; echo "== each routed convolution timed alone, two separate calls (ms per call)"
 for n in 1 2; do
   $BENCH --options eager --conv-table > "$OUT/convtable-$n.log" 2>&1
   echo "-- conv table call $n"; sed -n '/^\[conv table/,/routes lotter/p' "$OUT/convtable-$n.log"
 done
+fi
 
+if want cudnn; then
 echo; echo "== cuDNN's engine choices, two calls with cuDNN logging (slower: the speeds here do not count)"
 for n in 1 2; do
   CUDNN_LOGLEVEL_DBG=2 CUDNN_LOGINFO_DBG=1 CUDNN_LOGDEST_DBG="$OUT/cudnn-$n.log" \
@@ -126,6 +154,7 @@ if diff -q "$OUT/cudnn-engines-1.txt" "$OUT/cudnn-engines-2.txt" > /dev/null; th
   echo "cuDNN engine choices: identical in both calls"
 else
   echo "cuDNN engine choices DIFFER between the two calls:"; diff "$OUT/cudnn-engines-1.txt" "$OUT/cudnn-engines-2.txt" | head -40
+fi
 fi
 
 echo; echo "== clocks after all calls"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from devicediff.data.mnist import DataError
 from devicediff.spec import Batch
 from devicediff.workloads.prednet import make
-from devicediff.workloads.prednet.model import (CUDNN_ROUTES, PLAIN, PredNet, _Conv3x3Fn, build_prednet,
+from devicediff.workloads.prednet.model import (CUDNN_ROUTES, PLAIN, Conv3x3, PredNet, _Conv3x3Fn, build_prednet,
                                                  choose_route)
 from devicediff.workloads.prednet.workload import AliasedTargetMSE, lotter_loss, ssim, window_mse_loss
 
@@ -174,10 +174,42 @@ def test_conv_routes_compute_the_same_function(route):
     gy = torch.randn(2, 4, 7, 6, generator=g, dtype=torch.float64)
     y0 = F.conv2d(x, w, b, padding=1)
     g0 = torch.autograd.grad(y0, (x, w, b), gy)
-    y = _Conv3x3Fn.apply(x, w, b, route, None)
+    y = _Conv3x3Fn.apply(x, w, b, route, Conv3x3(5, 4))
     torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
     for a, c in zip(torch.autograd.grad(y, (x, w, b), gy), g0):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def test_flipped_weights_are_made_once_per_weight_version(monkeypatch):
+    """A recurrent step calls a routed conv at every time step with the same weights: V = flip(W) is
+    made once for each version of W (not once per forward and backward call), and the results are
+    bitwise those of flipping at every call, before and after an in-place update of W."""
+    from devicediff.workloads.prednet import model as pm
+
+    made = []
+    real = pm._flipped
+    monkeypatch.setattr(pm, "_flipped", lambda w: made.append(1) or real(w))
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(2, 5, 7, 6, generator=g, requires_grad=True) for _ in range(3)]
+    gy = torch.randn(2, 4, 7, 6, generator=g)
+    out = {}
+    for cached in (True, False):
+        conv = Conv3x3(5, 4)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(4, 5, 3, 3, generator=torch.Generator().manual_seed(1)))
+            conv.bias.zero_()
+        conv.cache_flipped = cached
+        made.clear()
+        res = []
+        for _ in range(2):  # a step, an in-place update (as Adam's), the next step
+            y = sum(_Conv3x3Fn.apply(x, conv.weight, conv.bias, ("tconv", "conv"), conv) for x in xs)
+            res.append((y.detach().clone(), torch.autograd.grad(y, conv.weight, gy)[0]))
+            with torch.no_grad():
+                conv.weight.mul_(0.9)
+        out[cached] = (res, len(made))
+    assert out[True][1] == 2 and out[False][1] == 12  # once per weight version; 3 forward + 3 backward calls a step
+    for (y1, g1), (y2, g2) in zip(out[True][0], out[False][0]):
+        assert torch.equal(y1, y2) and torch.equal(g1, g2)
 
 
 def test_route_choice_and_plain_cpu_path():

@@ -83,6 +83,7 @@ Parameter names (``state_dict``), stable, documented in docs/prednet.md::
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -166,7 +167,23 @@ class Conv3x3(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels))
         self.batch_wgrad = False
         self.routes: str | dict = "auto"
+        self.cache_flipped = True  # V = _flipped(W) once per weight version, not once per call
+        self._flip: tuple | None = None  # (weakref to W, its data pointer, its version, V)
         self._pending: list = []
+
+    def flipped(self, w: torch.Tensor) -> torch.Tensor:
+        """``_flipped(w)``, made once for each version of ``w``: a recurrent step calls the conv at every
+        time step with the same weights (10 forward and 10 backward calls a step at nt = 10), and each
+        flip is a kernel launch and host work (docs/prednet.md, "Speed that holds"). The same values
+        either way; an in-place update of ``w`` (the optimizer, ``load_state_dict``) makes a new one."""
+        if not self.cache_flipped:
+            return _flipped(w)
+        c = self._flip
+        if c is not None and c[0]() is w and c[1] == w.data_ptr() and c[2] == w._version:
+            return c[3]
+        v = _flipped(w.detach())
+        self._flip = (weakref.ref(w), w.data_ptr(), w._version, v)
+        return v
 
     def _route(self, x: torch.Tensor) -> tuple[str, str]:
         if self.routes == "plain" or not x.is_cuda or not torch.backends.cudnn.enabled or x.dtype != torch.float32:
@@ -177,13 +194,16 @@ class Conv3x3(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self._route(x)
         if torch.is_grad_enabled() and self.weight.requires_grad and (self.batch_wgrad or route != PLAIN):
-            return _Conv3x3Fn.apply(x, self.weight, self.bias, route, self if self.batch_wgrad else None)
+            return _Conv3x3Fn.apply(x, self.weight, self.bias, route, self)
         if route[0] == "tconv":
             return F.conv_transpose2d(x, _flipped(self.weight), self.bias, padding=1)
         return F.conv2d(x, self.weight, self.bias, padding=1)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=3, padding=1"
+
+    def __getstate__(self):  # pickling (torch.save of a whole model) leaves the flip cache behind
+        return {**super().__getstate__(), "_flip": None}
 
     # -- batch_wgrad ---------------------------------------------------------------
     def _defer(self, x: torch.Tensor, gy: torch.Tensor) -> None:
@@ -209,11 +229,11 @@ class _Conv3x3Fn(torch.autograd.Function):
     handed to ``Conv3x3._defer`` (batch_wgrad)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, route, deferred):
+    def forward(ctx, x, weight, bias, route, conv):
         ctx.save_for_backward(x, weight)
-        ctx.route, ctx.deferred = route, deferred
+        ctx.route, ctx.conv = route, conv
         if route[0] == "tconv":
-            return F.conv_transpose2d(x, _flipped(weight), bias, padding=1)
+            return F.conv_transpose2d(x, conv.flipped(weight), bias, padding=1)
         return F.conv2d(x, weight, bias, padding=1)
 
     @staticmethod
@@ -222,11 +242,11 @@ class _Conv3x3Fn(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             if ctx.route[1] == "conv":
-                gx = F.conv2d(gy, _flipped(w), None, padding=1)
+                gx = F.conv2d(gy, ctx.conv.flipped(w), None, padding=1)
             else:
                 gx = torch.ops.aten.convolution_backward(gy, x, w, None, *_CONV_ARGS, [True, False, False])[0]
-        if ctx.deferred is not None:
-            ctx.deferred._defer(x, gy)
+        if ctx.conv.batch_wgrad:
+            ctx.conv._defer(x, gy)
         else:
             _, gw, gb = torch.ops.aten.convolution_backward(gy, x, w, [w.shape[0]], *_CONV_ARGS, [False, True, True])
         return gx, gw, gb, None, None
