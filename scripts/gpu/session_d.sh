@@ -4,7 +4,8 @@
 #             "default"), first, on the quiet machine; OPTS as there
 #   diag      the same script's diagnostics (SECTIONS_DIAG: profile convtable cudnn expandable pinned)
 #   fp16      diverge calibration of the fp16 autocast pairs after the GradScaler fix (issue 14)
-#   gputests  the GPU-marked diverge tests: the operation pass across devices, faults, CPU vs GPU
+#   gputests  the GPU-marked tests in TESTS (default tests/diverge/: the operation pass across
+#             devices, faults, CPU vs GPU, flat host copies)
 #   aespeed   paper-autoencoder wall time with the stored H200 run's hashes (issue 17, target 60 s)
 #   cost      diverge's lockstep cost on GPU PredNet pairs (issue 14, item 6); COST_PAPER=1 adds the
 #             paper's network (64x64, windows of 20: minutes, most of it the float64 step on the CPU)
@@ -46,7 +47,7 @@ for p in $PARTS; do
         --only autoencoder prednet-chainer-lineage prednet-lotter --pairs cuda-fp16
       grep -E '^\{' "$W/fp16.log" | cut -c1-400 ;;
     gputests)
-      part gputests "${TESTS_LIMIT:-240}" "$PY" -m pytest -q -p no:cacheprovider -m gpu -s -rA tests/diverge/
+      part gputests "${TESTS_LIMIT:-240}" "$PY" -m pytest -q -p no:cacheprovider -m gpu -s -rA ${TESTS:-tests/diverge/}
       grep -E "\[ops gpu\]|largest own|passed|failed|PASSED|FAILED|Error" "$W/gputests.log" | cut -c1-600 | tail -40 ;;
     aespeed)
       part aespeed "${AE_LIMIT:-300}" "$PY" benchmarks/study_speed.py --preset paper-autoencoder \

@@ -555,19 +555,57 @@ def run_step(  # long: a keyword-only signature of ten names and the step's fixe
     }
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.float()  # numpy has no bfloat16; float32 holds both exactly
-    return t.to("cpu").numpy()
+#: the most bytes one flat copy from a device holds (several copies for more: bounded extra device memory)
+FLAT_CHUNK_BYTES = 64 << 20
+
+
+def flat_to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Tensors of one device and dtype to the host in one copy (concatenated, then split into views)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to("cpu").numpy()
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at:at + t.numel()].reshape(tuple(t.shape)))
+        at += t.numel()
+    return out
+
+
+def host_copies(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Each tensor as a host array (bf16/fp16 as float32), the values exactly. Tensors on a device
+    go to the host as one flat buffer per dtype (``flat_to_host``, up to ``FLAT_CHUNK_BYTES`` a
+    copy), not one copy each: a lockstep step records some 40 to hundreds of tensors, and each copy
+    from a GPU is a synchronisation and a transfer's latency. CPU tensors are converted as they are."""
+    out: list = [None] * len(tensors)
+    groups: dict[tuple, list[int]] = {}
+    prepared = []
+    for i, t in enumerate(tensors):
+        t = t.detach()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()  # numpy has no bfloat16; float32 holds both exactly
+        prepared.append(t)
+        if t.device.type == "cpu":
+            out[i] = t.numpy()
+        else:
+            groups.setdefault((t.device, t.dtype), []).append(i)
+    for idx in groups.values():
+        chunk: list[int] = []
+        size = 0
+        for n, i in enumerate(idx):
+            chunk.append(i)
+            size += prepared[i].numel() * prepared[i].element_size()
+            if size >= FLAT_CHUNK_BYTES or n == len(idx) - 1:
+                for j, a in zip(chunk, flat_to_host([prepared[j] for j in chunk])):
+                    out[j] = a
+                chunk, size = [], 0
+    return out
 
 
 def _flatten(result: dict[str, dict[str, torch.Tensor]], prefix: str | None) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
+    keys, tensors = [], []
     for kind in KINDS:
         for name, t in result.get(kind, {}).items():
-            out[key(kind, name, prefix)] = to_numpy(t)
-    return out
+            keys.append(key(kind, name, prefix))
+            tensors.append(t)
+    return dict(zip(keys, host_copies(tensors)))
 
 
 def _round_into(work: torch.Tensor, ref: torch.Tensor) -> None:
@@ -921,9 +959,9 @@ class TorchLockstep(_driver.LockstepSide):
                        lr=lr, recorder=None, autocast=self.autocast, scaler=self.scaler_free)
         if self.ctx_free is not None:
             self.ctx_free.advance()
-        carried = {f"{kind}/{n}": to_numpy(t) for kind in ("weight", "buffer", "optim", "carry")
-                   for n, t in res[kind].items()}
-        return to_numpy(res["loss"][LOSS_NAME]), carried
+        named = [(f"{kind}/{n}", t) for kind in ("weight", "buffer", "optim", "carry") for n, t in res[kind].items()]
+        arrays = host_copies([t for _, t in named] + [res["loss"][LOSS_NAME]])
+        return arrays[-1], dict(zip((k for k, _ in named), arrays))
 
     def close(self) -> None:
         self.rec.remove()
