@@ -455,6 +455,61 @@ def profile_kernels(variant: str, device: torch.device, steps: int = 3, top: int
         print(f"  {t / 1e3 / steps:8.2f} ms/step  x{n // steps:4d}  {k[:110]}")
 
 
+#: the modules CUDNN_ROUTES routes at the headline settings (model.py's comments), for --host-proxy
+ROUTED_MODULES = {"layers.0.lstm": ("tconv", "native"), "layers.1.lstm": ("conv", "conv"),
+                  "layers.1.conv_a": ("conv", "conv"), "layers.2.lstm": ("tconv", "native"),
+                  "layers.3.lstm": ("tconv", "native")}
+
+
+def host_proxy(steps: int = 30) -> None:
+    """The host's share of the lotter step, measured on the CPU: the headline step's operations
+    (4 layers, nt 10, batch 4) on tensors so small (2 channels a layer, 8x16) that the arithmetic is
+    negligible, so a step's time is Python, autograd and the dispatcher issuing them, one thread.
+    ``routed`` forces the headline route of each routed module (the custom autograd.Function path
+    the GPU takes), ``flipfresh`` flips the weights at every call. Prints ms per step and aten
+    operations per step for each."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 10, 3, 8, 16, generator=g)
+    print(f"[host proxy] lotter step operations on tiny tensors, CPU, 1 thread, {steps} steps (median)")
+    for option in ("plain", "routed", "routed+flipfresh"):
+        model = build_prednet(variant="lotter", channels=[3, 2, 2, 2], height=8, width=16, init_seed=0)
+        if option != "plain":
+            for name, m in model.named_modules():
+                if name in ROUTED_MODULES:
+                    m._route = (lambda r: lambda _x: r)(ROUTED_MODULES[name])
+                    m.cache_flipped = "flipfresh" not in option
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            lotter_loss(model(x, full_last_step=False), [1.0, 0.0, 0.0, 0.0]).backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        Count.n = 0
+        with Count():
+            step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        print(f"[host proxy] {option:18s} {times[len(times) // 2]:6.2f} ms/step  {Count.n:5d} aten operations/step  "
+              f"{1e3 * times[len(times) // 2] / Count.n:5.1f} us/operation")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="lotter,chainer-lineage")
@@ -474,7 +529,12 @@ def main(argv=None) -> int:
     ap.add_argument("--chainer", default="", metavar="HxW:C:FRAMES",
                     help="chainer-lineage size, input channels and window, e.g. 64x64:1:20 (Moving MNIST)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to test this script quickly")
+    ap.add_argument("--host-proxy", action="store_true",
+                    help="the host's work per lotter step, on the CPU with tiny tensors (plain, routed, routed+flipfresh)")
     args = ap.parse_args(argv)
+    if args.host_proxy:
+        host_proxy()
+        return 0
 
     t_start = time.perf_counter()
     if args.smoke:
