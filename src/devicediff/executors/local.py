@@ -27,8 +27,9 @@ each with exactly the environment, interpreter and cores its slot will give it, 
 adopts it when it starts: the first slots' workers (``prestart(tasks)``, called before the
 runner's preflight), and, with ``jobs == 1``, the next config's worker while the current run
 leaves cores idle. A prestarted worker that no slot adopts (the prediction was wrong, e.g. a
-resumed study) is killed at the end; its output until its first job goes to a file without a name. Runs never overlap more than ``jobs`` allows: a prestarted
-worker runs nothing until its slot starts. One of them may build the workload for the runner's
+resumed study) is killed at the end; its output until its first job goes to a file without a
+name. Runs never overlap more than ``jobs`` allows: a prestarted worker runs nothing until its
+slot starts. One of them may build the workload for the runner's
 preflight (``check_workload``), so that the runner need not import torch.
 
 Every worker runs in a session of its own. It dies with the thread that
