@@ -7,6 +7,9 @@ Tiny synthetic runs (tests/executors/synthetic.py)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import devicediff
+from conftest import ROOT, devicediff
 from devicediff.executors.local import LocalExecutor, available_cores
 from devicediff.runner import likely_tasks, run_study
 from devicediff.store import open_store
@@ -98,14 +101,12 @@ def test_a_prestarted_worker_no_slot_takes_is_killed(tmp_path, tmpdir_for_logs):
 def test_early_output_goes_to_a_nameless_file_and_then_to_the_first_runs_log(tmp_path):
     """What a prestarted worker prints before its first job (its stdout: a nameless file) is copied
     into that job's log when it switches to it; no file with a name is ever made for it."""
-    import subprocess
-
     log = tmp_path / "run.log"
     code = ("import sys, os; from devicediff.worker import redirect_output; print('said while loading', flush=True); "
             "os.write(2, b'and on stderr\\n'); redirect_output(sys.argv[1], keep_early=True); print('said in the run')")
     with tempfile.TemporaryFile("w+b") as early:
         subprocess.run([sys.executable, "-c", code, str(log)], stdout=early, stderr=subprocess.STDOUT, check=True,
-                       env={**__import__("os").environ, "PYTHONPATH": str(HERE.parent.parent / "src")})
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert log.read_text() == "said while loading\nand on stderr\nsaid in the run\n"
 
 
@@ -122,19 +123,13 @@ def test_a_failed_preflight_leaves_no_worker_or_file_behind(tmp_path):
     assert not list(tmp.iterdir())  # the prestarted worker left no file
 
 
-def test_a_runner_killed_while_its_workers_load_leaves_no_file(tmp_path):
-    import signal
-    import subprocess
-
-    from conftest import ROOT
-
-    study = tmp_path / "ae.toml"
-    study.write_text(TINY_AE)
+def test_a_runner_killed_while_its_workers_load_leaves_no_file(tmp_path, tiny_study):
+    study = tiny_study()
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     p = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.pop(0); from devicediff.cli import main; main()",
                           "run", str(study), "--store", str(tmp_path / "k.db"), "-q"], cwd=tmp_path,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src"), "TMPDIR": str(tmp)},
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "TMPDIR": str(tmp)},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # its first worker is loading torch
     p.send_signal(signal.SIGKILL)
@@ -143,34 +138,11 @@ def test_a_runner_killed_while_its_workers_load_leaves_no_file(tmp_path):
     assert not list(tmp.iterdir())
 
 
-TINY_AE = """name = "tiny-ae"
-[workload]
-name = "autoencoder"
-sizes = [32, 8]
-batch_size = 50
-train_size = 500
-eval_size = 200
-[seeds]
-count = 2
-[budget]
-epochs = 1
-metric_every = 5
-[[configs]]
-name = "cpu-1t"
-threads = 1
-reference = true
-[[configs]]
-name = "cpu-2t"
-threads = 2
-"""
-
-
-def test_a_prestarted_worker_does_the_preflight_build_with_the_same_errors(tmp_path):
+def test_a_prestarted_worker_does_the_preflight_build_with_the_same_errors(tmp_path, tiny_study):
     from devicediff.errors import ParamError
     from devicediff.workloads import make_workload
 
-    study = tmp_path / "ae.toml"
-    study.write_text(TINY_AE)
+    study = tiny_study()
     ex = LocalExecutor(jobs=1, prestart=True)
     try:
         ex.prestart(likely_tasks(load_study(study), store_path=str(tmp_path / "x.db")))
@@ -187,15 +159,10 @@ def test_a_prestarted_worker_does_the_preflight_build_with_the_same_errors(tmp_p
     assert not ex._idle
 
 
-def test_the_runner_needs_no_torch_and_gets_the_bits_of_isolated_runs(tmp_path):
+def test_the_runner_needs_no_torch_and_gets_the_bits_of_isolated_runs(tmp_path, tiny_study):
     """`devicediff run` with its prestarted worker doing the preflight never imports torch itself, and
     its runs (each config's first run in a worker that did that check) equal one process per run."""
-    import subprocess
-
-    from conftest import ROOT
-
-    study = tmp_path / "ae.toml"
-    study.write_text(TINY_AE)
+    study = tiny_study()
     launcher = ("import sys; sys.path.pop(0); from devicediff.cli import main; code = main(sys.argv[1:]); "
                 "print('TORCH IN RUNNER:', 'torch' in sys.modules); sys.exit(code)")
     hashes = {}
@@ -203,7 +170,7 @@ def test_the_runner_needs_no_torch_and_gets_the_bits_of_isolated_runs(tmp_path):
         db = tmp_path / f"{name}.db"
         r = subprocess.run([sys.executable, "-c", launcher, "run", str(study), "--store", str(db), "-q", *extra],
                            capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"TORCH IN RUNNER: {name == 'isolated'}" in r.stdout  # --isolate: the preflight builds here
         with open_store(str(db)) as s:
