@@ -260,7 +260,7 @@ def measure(variant: str, device: torch.device, option: str, steps: int, warmup:
         warm_s = time.perf_counter() - t0
         probe = host_probe()
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if device.type == "cuda" else []
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         for i in range(steps):
             if marks:
                 marks[i].record()
@@ -269,7 +269,6 @@ def measure(variant: str, device: torch.device, option: str, steps: int, warmup:
             marks[-1].record()
         sync(device)
         dt = (time.perf_counter() - t0) / steps
-        cpu = (time.process_time() - c0) / steps
         issue = []  # the host's time to issue one step, from an idle GPU (an upper bound where the queue fills)
         for _ in range(5 if device.type == "cuda" else 0):
             t1 = time.perf_counter()
@@ -277,11 +276,11 @@ def measure(variant: str, device: torch.device, option: str, steps: int, warmup:
             issue.append((time.perf_counter() - t1) * 1e3)
             sync(device)
     # per step, on the GPU's clock (event to event: a step's kernels plus any time the GPU waited for
-    # the CPU to issue them), and the CPU time the process spent per step
+    # the CPU to issue them)
     per = sorted(marks[i].elapsed_time(marks[i + 1]) for i in range(steps)) if marks else []
     out = {"variant": variant, "device": str(device), "option": option, "batch": s["batch"],
            "frames": s["frames"], "size": f"{s['height']}x{s['width']}", "step_ms": dt * 1e3,
-           "seq_per_s": s["batch"] / dt, "warmup_s": warm_s, "cpu_ms_per_step": cpu * 1e3,
+           "seq_per_s": s["batch"] / dt, "warmup_s": warm_s,
            "host": probe, "issue_ms": sorted(issue)[len(issue) // 2] if issue else None}
     if per:
         out["gpu_step_ms"] = {"min": per[0], "median": per[len(per) // 2], "max": per[-1]}

@@ -647,8 +647,9 @@ def first_difference(a: _Side, b: _Side) -> tuple[dict | None, int, int, str | N
     aligned = 0
     for phase in PHASES:
         oa, ob = _math_ops(a.entries, phase), _math_ops(b.entries, phase)
-        if _multi_tensor(oa) != _multi_tensor(ob):
-            multi, single = ("A", "B") if _multi_tensor(oa) else ("B", "A")
+        multi_a = _multi_tensor(oa)
+        if multi_a != _multi_tensor(ob):
+            multi, single = ("A", "B") if multi_a else ("B", "A")
             return None, aligned, aligned, (f"the {phase} phase was not compared operation by operation: {multi} "
                                             f"issues multi-tensor kernels (_foreach_/_fused_), {single} per-tensor "
                                             f"operations (the module level judges its results)")
