@@ -13,8 +13,9 @@ loading and evaluation cancel out:
   parent's comparison in it and process start-up (seconds, and varying by
   seconds on a GPU) out of it. Against it: plain training of A and of B in
   ordinary workers (``run_worker``, the worker's own ``train_time``, a slope
-  over the same two budgets) and a float64 CPU step of the same workload in a
-  fresh process with A's thread count.
+  over the same two budgets) and a float64 step of the same workload in a
+  fresh process, where lockstep runs A's reference: on A's GPU, or on the CPU with A's
+  thread count.
 * **records**: the per-step clocks the sides report (``total`` of A and B and
   the parent's ``compare``) against the plain step each side times itself
   (its free-running copy's step is a plain training step) and its float64
@@ -58,23 +59,29 @@ REF64 = textwrap.dedent(
     from devicediff.frameworks.torch.backend import load_workload
     from devicediff.frameworks.torch.lockstep import cast_floats
     from devicediff.job import Job
-    from devicediff.spec import iter_batches
+    from devicediff.spec import iter_batches, move_to
     job, n = Job.from_json(sys.argv[1]), int(sys.argv[2])
     torch.set_num_threads(int(job.config.get("threads") or torch.get_num_threads()))
     torch.set_default_dtype(torch.float64)
+    dev = torch.device("cuda" if job.config.get("device") == "cuda" else "cpu")  # where lockstep runs it
     wl = load_workload(job)
-    model = wl.build_model(int(job.init_seed)).double()
+    model = wl.build_model(int(job.init_seed)).double().to(dev)
     opt = wl.make_optimizer(model)
     batches = list(iter_batches(wl.train_batches(int(job.data_seed), 0)))
     def step(b):
         opt.zero_grad(set_to_none=True)
-        wl.loss(model, type(b)(cast_floats(b.data, torch.float64), b.new_sequence)).backward()
+        wl.loss(model, type(b)(move_to(cast_floats(b.data, torch.float64), dev), b.new_sequence)).backward()
         opt.step()
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
     for b in batches[:2]:
         step(b)  # warm-up
+    sync()
     t0 = time.perf_counter()
     for i in range(n):
         step(batches[i % len(batches)])
+    sync()
     print(json.dumps({"ref64_step": (time.perf_counter() - t0) / n}))
     """
 )

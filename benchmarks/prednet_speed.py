@@ -18,7 +18,8 @@ never used by the workload's default (join several with "+"): ``nocudnn``,
 ``tf32``, ``cudagraph`` (whole step captured, Adam(capturable=True)),
 ``compile`` (torch.compile, default mode), ``batch_wgrad`` (each conv's weight
 gradient once per step over all time steps, ``PredNet.set_batch_wgrad``) and
-``flipfresh`` (the routed convs flip their weights at every call, as
+``nogc`` (Python's cyclic garbage collector frozen and off during the timed steps: the same
+arithmetic), ``flipfresh`` (the routed convs flip their weights at every call, as
 before the flip cache), ``routes`` (the fastest cuDNN entry points measured by ``--conv-table`` in
 this run, instead of the table shipped in model.py), ``plain`` (no routes:
 conv2d everywhere) and ``naive`` (a straightforward port
@@ -33,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -236,6 +238,32 @@ def host_probe(n: int = 4000) -> dict:
     return {"us_per_op": us, "core": core}
 
 
+def sched_sample() -> dict:
+    """This process's threads' time on a CPU and waiting for one (``/proc/self/task/*/schedstat``, ns)
+    and the machine's stolen time (``/proc/stat``, the hypervisor running someone else; jiffies
+    summed over CPUs). Linux only; empty elsewhere."""
+    run = wait = 0
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                r, w, _ = f.read().split()
+            run, wait = run + int(r), wait + int(w)
+        with open("/proc/stat") as f:
+            steal = int(f.readline().split()[8])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return {"run_ns": run, "wait_ns": wait, "steal": steal}
+
+
+def sched_delta(a: dict, b: dict, steps: int) -> dict:
+    if not a or not b:
+        return {}
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"on_cpu_ms": (b["run_ns"] - a["run_ns"]) / 1e6 / steps,
+            "runqueue_wait_ms": (b["wait_ns"] - a["wait_ns"]) / 1e6 / steps,
+            "steal_ms_all_cpus": (b["steal"] - a["steal"]) * 1e3 / hz / steps}
+
+
 def measure(variant: str, device: torch.device, option: str, steps: int, warmup: int) -> dict:
     with flags(device, option):
         model, step, loss_fn, s = make_case(variant, device, option)
@@ -259,6 +287,11 @@ def measure(variant: str, device: torch.device, option: str, steps: int, warmup:
         sync(device)
         warm_s = time.perf_counter() - t0
         probe = host_probe()
+        if "nogc" in option.split("+"):  # the cyclic garbage collector off for the timed steps
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        sched0 = sched_sample()
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if device.type == "cuda" else []
         t0 = time.perf_counter()
         for i in range(steps):
@@ -269,6 +302,9 @@ def measure(variant: str, device: torch.device, option: str, steps: int, warmup:
             marks[-1].record()
         sync(device)
         dt = (time.perf_counter() - t0) / steps
+        sched = sched_delta(sched0, sched_sample(), steps)
+        gc.enable()
+        gc.unfreeze()
         issue = []  # the host's time to issue one step, from an idle GPU (an upper bound where the queue fills)
         for _ in range(5 if device.type == "cuda" else 0):
             t1 = time.perf_counter()
@@ -281,7 +317,7 @@ def measure(variant: str, device: torch.device, option: str, steps: int, warmup:
     out = {"variant": variant, "device": str(device), "option": option, "batch": s["batch"],
            "frames": s["frames"], "size": f"{s['height']}x{s['width']}", "step_ms": dt * 1e3,
            "seq_per_s": s["batch"] / dt, "warmup_s": warm_s,
-           "host": probe, "issue_ms": sorted(issue)[len(issue) // 2] if issue else None}
+           "host": probe, "issue_ms": sorted(issue)[len(issue) // 2] if issue else None, "sched": sched}
     if per:
         out["gpu_step_ms"] = {"min": per[0], "median": per[len(per) // 2], "max": per[-1]}
     if flops:
@@ -450,6 +486,14 @@ def profile_kernels(variant: str, device: torch.device, steps: int = 3, top: int
         cats[cat] = cats.get(cat, 0) + t
     for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:20s} {t / 1e3 / steps:8.2f} ms/step ({100 * t / total:.0f}%)")
+    # The host's side: the operations and CUDA runtime calls with the most CPU time of their own
+    # (profiling adds about a microsecond to each, so the sum is an upper bound of the unprofiled step).
+    host = sorted(((ev.self_cpu_time_total, ev.count, ev.key) for ev in prof.key_averages()
+                   if ev.device_type == torch.autograd.DeviceType.CPU and ev.self_cpu_time_total), reverse=True)
+    print(f"  host: {sum(t for t, _, _ in host) / 1e3 / steps:.1f} ms/step of CPU time in profiled operations "
+          f"and runtime calls; the largest (ms/step, calls/step):")
+    for t, n, k in host[:15]:
+        print(f"    {t / 1e3 / steps:7.2f} {n / steps:6.0f}  {k[:70]}")
     for t, n, k in rows[:top]:
         print(f"  {t / 1e3 / steps:8.2f} ms/step  x{n // steps:4d}  {k[:110]}")
 
@@ -584,6 +628,9 @@ def main(argv=None) -> int:
                     g = r["gpu_step_ms"]
                     extra += (f"  GPU per step {g['min']:.1f}/{g['median']:.1f}/{g['max']:.1f} ms, issued in "
                               f"{r['issue_ms']:.1f} ms, host {r['host']['us_per_op']:.2f} us/op on core {r['host']['core']}")
+                    if r["sched"]:
+                        extra += ("; per step: threads on a CPU {on_cpu_ms:.1f} ms, waiting for one "
+                                  "{runqueue_wait_ms:.2f} ms, stolen {steal_ms_all_cpus:.2f} ms").format(**r["sched"])
                 print(f"{variant:16s} {option:16s} {r['step_ms']:8.2f} ms/step  {r['seq_per_s']:7.1f} seq/s"
                       f"  (warm-up {r['warmup_s']:.1f} s){extra}", flush=True)
         if "naive" in options:

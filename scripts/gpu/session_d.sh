@@ -3,6 +3,8 @@
 #   speed     PredNet speed in CALLS fresh processes (scripts/gpu/prednet_speed_stability.sh, section
 #             "default"), first, on the quiet machine; OPTS as there
 #   diag      the same script's diagnostics (SECTIONS_DIAG: profile convtable cudnn expandable pinned)
+#   calib     diverge calibration of every benign GPU pair (CPU vs GPU, cuDNN on/off, deterministic,
+#             TF32, bf16, fp16), issue 14's "no benign pair is suspect"
 #   fp16      diverge calibration of the fp16 autocast pairs after the GradScaler fix (issue 14)
 #   gputests  the GPU-marked tests in TESTS (default tests/diverge/: the operation pass across
 #             devices, faults, CPU vs GPU, flat host copies)
@@ -42,6 +44,9 @@ for p in $PARTS; do
       part diag "${DIAG_LIMIT:-240}" env SECTIONS="${SECTIONS_DIAG:-profile convtable cudnn}" CALLS=3 \
         bash scripts/gpu/prednet_speed_stability.sh "$W/stability"
       grep -vE "^\s*$" "$W/diag.log" | tail -60 ;;
+    calib)
+      part calib "${CALIB_LIMIT:-300}" "$PY" benchmarks/diverge_calibrate.py --gpu
+      grep -E '^\{' "$W/calib.log" | cut -c1-300 ;;
     fp16)
       part fp16 "${FP16_LIMIT:-240}" "$PY" benchmarks/diverge_calibrate.py --gpu \
         --only autoencoder prednet-chainer-lineage prednet-lotter --pairs cuda-fp16

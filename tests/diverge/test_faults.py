@@ -257,3 +257,15 @@ def test_a_kind_one_side_does_not_record_is_not_compared():
          "scaler/scale": np.float64(65536.0)}
     b = {"fwd/x": np.ones(2, np.float32)}
     assert {r.kind for r in compare_step(a, b, 1)} == {"fwd"}
+
+
+def test_unshared_draws_of_an_earlier_step_make_every_later_difference_random():
+    """Each side's float64 reference draws on its own device: after a step whose draws the sides
+    did not share, the teacher states differ through them, so nothing later is judged as rounding
+    or beyond it; identical tensors stay identical."""
+    a = {"fwd/x": np.ones(2, np.float32), "fwd/y": np.ones(2, np.float32)}
+    b = {"fwd/x": np.ones(2, np.float32), "fwd/y": np.full(2, 2.0, np.float32)}
+    assert {r.name: r.cls for r in compare_step(a, b, 2)}["y"] != RANDOM
+    rows = compare_step(a, b, 2, carried="the teacher states carry step 1's random draws not shared")
+    assert {r.name: r.cls for r in rows} == {"x": IDENTICAL, "y": RANDOM}
+    assert "step 1" in rows[1].note

@@ -484,3 +484,28 @@ def test_cuda_routes_match_plain():
     assert out["auto"][0] == pytest.approx(out["plain"][0], rel=1e-5)
     for k, g in out["plain"][1].items():
         assert torch.linalg.vector_norm(out["auto"][1][k] - g) <= 1e-4 * torch.linalg.vector_norm(g) + 1e-12, k
+
+
+def test_lotter_cell_split_is_bitwise_the_two_slice_form():
+    """The lotter cell reads its gate blocks with one split (fewer launches in the backward, issue 17);
+    outputs and every gradient are bitwise those of the two-slice form it replaced."""
+    m = build_prednet(variant="lotter", channels=[2, 4, 6], height=8, width=12, init_seed=3)
+    layer, n = m.layers[1], m.layers[1].r_ch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, layer.lstm.in_channels, 4, 6, generator=g, requires_grad=True)
+    c_prev = torch.randn(2, n, 4, 6, generator=g, requires_grad=True)
+    gh, gc = torch.randn(2, n, 4, 6, generator=g), torch.randn(2, n, 4, 6, generator=g)
+
+    def two_slices():
+        z = layer.lstm(x)
+        i, f, o = F.hardtanh(z[:, : 3 * n].mul(0.2).add_(0.5), 0.0, 1.0).split(n, 1)  # Keras hard_sigmoid
+        c = torch.addcmul(f * c_prev, i, torch.tanh(z[:, 3 * n :]))
+        return o * torch.tanh(c), c
+
+    wrt = (x, c_prev, layer.lstm.weight, layer.lstm.bias)
+    res = []
+    for fn in (lambda: m._lstm(layer, x, c_prev), two_slices):
+        h, c = fn()
+        res.append((h, c) + torch.autograd.grad((h, c), wrt, (gh, gc)))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)

@@ -342,10 +342,15 @@ def _mark_random(rows: list[Row], why: str, modules: list[str]) -> None:
 
 
 def compare_step(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], step: int,
-                 threshold: float = 100.0, info_a: Mapping | None = None, info_b: Mapping | None = None) -> list[Row]:
+                 threshold: float = 100.0, info_a: Mapping | None = None, info_b: Mapping | None = None,
+                 carried: str | None = None) -> list[Row]:
     """Teacher-forced rows of one step, in computation order (side A's); ``info_*``: what each
-    side's ``lockstep`` record said about random draws (``random``, ``random_modules``, ...)."""
-    names = [kn for kn in ordered_names(a, b) if kn[0] not in unrecorded(a, b)]
+    side's ``lockstep`` record said about random draws (``random``, ``random_modules``, ...).
+    ``carried``: why an earlier step's draws were not shared; each side's float64 reference drew
+    its own (on its own device), so the teacher states of this step already carry them and every
+    row that is not identical is ``random``."""
+    skip = unrecorded(a, b)
+    names = [kn for kn in ordered_names(a, b) if kn[0] not in skip]
     norms = _Norms()
     rms = _kind_rms(a, b, names, "ref64", norms)
     rows = []
@@ -356,6 +361,9 @@ def compare_step(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], step:
             RB=b.get(f"ref64/{k}"), A2=a.get(f"rep/{k}"), B2=b.get(f"rep/{k}"), rms_kind=rms.get(rms_group(kind, name), 0.0),
             threshold=threshold, norms=norms, LA=a.get(f"local/{k}"), LB=b.get(f"local/{k}"),
         ))
+    if carried:
+        _mark_random(rows, carried, [])
+        return rows
     why = random_pairing(info_a, info_b)
     if why:
         mods = list(dict.fromkeys(list((info_a or {}).get("random_modules") or [])

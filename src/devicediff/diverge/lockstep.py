@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from devicediff.diverge.compare import (
-    BEYOND, IDENTICAL, RANDOM, ROUNDING, SUSPECT, SUSPECT_FACTOR, Row, compare_free, compare_step, first, start_gap,
+    BEYOND, IDENTICAL, RANDOM, ROUNDING, SUSPECT, SUSPECT_FACTOR, Row, compare_free, compare_step, first, random_pairing,
+    start_gap,
 )
 from devicediff.stepfiles import read_step
 from devicediff.executors.base import Task, worker_env
@@ -283,6 +284,7 @@ class _Collector:
         self.prev: dict = {"A": None, "B": None}
         self.compare_time = 0.0
         self.next = 1
+        self.unshared: str | None = None  # why an earlier step's draws were not shared, once one was
 
     def take(self, side: str, rec: dict) -> None:
         kind = rec.get("kind")
@@ -310,7 +312,10 @@ class _Collector:
         tc = time.perf_counter()
         fa, fb = read_step(self.arrived["A"][n]), read_step(self.arrived["B"][n])
         ia, ib = self.info["A"].get(n, {}), self.info["B"].get(n, {})
-        step_rows = compare_step(fa, fb, n, self.threshold, ia, ib)
+        step_rows = compare_step(fa, fb, n, self.threshold, ia, ib, carried=self.unshared)
+        why = random_pairing(ia, ib)
+        if why and self.unshared is None:
+            self.unshared = f"the teacher states carry step {n}'s {why}"
         hr = hash_row(n, step_rows, ia.get("sha256"), ib.get("sha256"))
         if hr is not None:
             step_rows.append(hr)

@@ -190,35 +190,64 @@ ELEMENTWISE_OPS = 8
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.float64) if t.is_floating_point() else t.detach().to("cpu")
+    """``t`` in float64 where it is floating point, on its own device (a side's float64 reference
+    lives on the side's device)."""
+    return t.detach().to(torch.float64) if t.is_floating_point() else t.detach()
 
 
 def _l2(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.double().reshape(-1))) if t.numel() else 0.0
 
 
-def _local_entry(work: torch.Tensor, replay: torch.Tensor, magnitude: torch.Tensor, k: float, u: float) -> np.ndarray:
+def _local_entry(work: torch.Tensor, replay: torch.Tensor, magnitude: torch.Tensor, k: float, u: float) -> torch.Tensor:
     """``[‖work − replay‖, k·u·‖M‖ + u·‖replay‖, ‖M‖]`` in float64: the tensor's own error, the
     bound its arithmetic explains (first order, componentwise: |fl(x) − x| ≤ k·u·M, Higham ch. 3)
-    and the scale of the operation."""
-    w = _f64(work)
+    and the scale of the operation. Left on the replay's device (``entries_to_host`` brings a
+    step's entries over at once: one synchronisation, not three per tensor)."""
+    w = _f64(work).to(replay.device)  # an optimizer's step counter lives on the CPU beside GPU weights
     if w.shape != replay.shape:
-        return np.array([math.nan, math.nan, math.nan])
-    err = _l2(w - replay)
-    scale = _l2(magnitude)
-    return np.array([err, k * u * scale + u * _l2(replay), scale])
+        return torch.full((3,), math.nan, dtype=torch.float64, device=replay.device)
+
+    def norm(t):
+        return torch.linalg.vector_norm(t.reshape(-1)) if t.numel() else t.new_zeros(())
+
+    err, scale = norm(w - replay), norm(magnitude.double())
+    return torch.stack([err, k * u * scale + u * norm(replay), scale])
+
+
+def entries_to_host(entries: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``_local_entry`` results as numpy arrays, in one copy to the host."""
+    if not entries:
+        return {}
+    vals = list(entries.values())
+    dev = next((v.device for v in vals if v.device.type != "cpu"), torch.device("cpu"))
+    flat = torch.stack([v.to(dev) for v in vals]).cpu().numpy()
+    return dict(zip(entries, flat))
+
+
+def _device_of(m: torch.nn.Module) -> torch.device:
+    p = next(m.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _rng_states(dev: torch.device) -> list[torch.Tensor]:
+    """The generator states a replay on ``dev`` could advance: the CPU's, and that GPU's."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(dev)] if dev.type == "cuda" else [])
 
 
 @contextmanager
 def _quiet_replay(m64: torch.nn.Module):
     """A float64 replay of ``m64`` that leaves no trace: its buffers (BatchNorm statistics) and
-    torch's CPU generator are restored afterwards, dispatch modes (a RandomOpWatch) and
-    autocast are off while it runs."""
+    torch's generators (the CPU's, and its GPU's when it lives on one) are restored afterwards,
+    dispatch modes (a RandomOpWatch) and autocast are off while it runs."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     saved = {n: b.detach().clone() for n, b in m64.named_buffers()}
+    dev = _device_of(m64)
+    gpus = [dev] if dev.type == "cuda" else []
     try:
-        with _disable_current_modes(), torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
+        with _disable_current_modes(), torch.random.fork_rng(devices=gpus), torch.autocast("cpu", enabled=False), \
+                (torch.autocast("cuda", enabled=False) if gpus else nullcontext()):
             yield
     finally:
         with torch.no_grad():
@@ -277,6 +306,7 @@ class LocalModel:
 
     def __init__(self, model64: torch.nn.Module, u_of):
         self.mods64 = dict(model64.named_modules())
+        self.device = _device_of(model64)
         self.u_of = u_of
         self.begin()
 
@@ -294,9 +324,9 @@ class LocalModel:
         x64 = _map_tensors(_f64, inputs)
         u = self.u_of(mod)
         with _quiet_replay(m64), torch.no_grad():
-            before = torch.get_rng_state()
+            before = _rng_states(self.device)
             outs = tensor_leaves(m64(*x64))
-            if not torch.equal(before, torch.get_rng_state()):
+            if not all(torch.equal(a, b) for a, b in zip(before, _rng_states(self.device))):
                 self.random.add(name)
                 return
             mags = self._magnitudes(m64, x64, outs)
@@ -407,7 +437,7 @@ class LocalModel:
                     self.entries[f"grad/{full}"] = _local_entry(work[full], acc[i], mag[i], ks[i] + 1, u)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {f"local/{k}": v for k, v in self.entries.items()}
+        return entries_to_host({f"local/{k}": v for k, v in self.entries.items()})
 
 
 # -- one step -----------------------------------------------------------------------------
@@ -729,7 +759,7 @@ def parity(work: dict, replay: dict, exact: bool) -> tuple[str, float] | None:
 
 class TorchLockstep(_driver.LockstepSide):
     """The working model (the config's dtype and device), its faithful float64 reference on the
-    CPU, a faithful float64 scratch copy for the optimizer's replay, and a free-running copy,
+    same device, a faithful float64 scratch copy for the optimizer's replay, and a free-running copy,
     each with its own optimizer and its own copy of the workload's carried state."""
 
     def __init__(self, backend: TorchBackend):
@@ -744,11 +774,13 @@ class TorchLockstep(_driver.LockstepSide):
         self.scaler = getattr(b, "scaler", None) or self._new_scaler()  # the backend's, when it has one
         self.portable = getattr(b, "portable", None)  # the backend's PortableRandom (job.portable_random)
         self.ctx64 = self._new_ctx()
-        self.model64 = faithful_copy(b, torch.float64, torch.device("cpu"), self.ctx64)
+        # The float64 reference runs where the side runs: a GPU side's on its GPU (docs/diverge.md, "Cost").
+        self.ref_device = b.device
+        self.model64 = faithful_copy(b, torch.float64, self.ref_device, self.ctx64)
         self.opt64 = wl.make_optimizer(self.model64)
         self.opt64.load_state_dict(clone_state(opt.state_dict()))
         self.wl64 = copy.copy(wl)
-        self.scratch64 = faithful_copy(b, torch.float64, torch.device("cpu"), self._new_ctx())
+        self.scratch64 = faithful_copy(b, torch.float64, self.ref_device, self._new_ctx())
         self.opt_s = wl.make_optimizer(self.scratch64)
         if b.job.lockstep.free:
             self.ctx_free = self._new_ctx()
@@ -800,7 +832,7 @@ class TorchLockstep(_driver.LockstepSide):
             it = iter(lr)
             wl[name] = _map_tensors(lambda t: next(it).to(t.dtype).to(t.device), w)
             it = iter(tensor_leaves(wl[name]))
-            wl64[name] = _map_tensors(lambda t: next(it).to("cpu", t.dtype), r)
+            wl64[name] = _map_tensors(lambda t: next(it).to(self.ref_device, t.dtype), r)
 
     def restore_carried(self, state: dict) -> None:
         super().restore_carried(state)
@@ -894,7 +926,7 @@ class TorchLockstep(_driver.LockstepSide):
             if g is not None and g.shape == new.shape:
                 mag = mag + _f64(g).abs()
             out[f"local/optim/{k}"] = _local_entry(w, new.double(), mag, ELEMENTWISE_OPS, u)
-        return out
+        return entries_to_host(out)
 
     def _parity(self, batch, lr) -> None:
         """Step 0: the working model and a faithful copy in the working dtype take the first
@@ -949,7 +981,7 @@ class TorchLockstep(_driver.LockstepSide):
             self.ctx64.load_state_dict(self._pre_ctx)  # portable draws: the same counters as the side
         with default_dtype(torch.float64):
             ref = run_step(workload=self.wl64, forward_model=self.model64, model=self.model64, optimizer=self.opt64,
-                           batch=batch, device=torch.device("cpu"), seed=self.base_seed + step, lr=lr,
+                           batch=batch, device=self.ref_device, seed=self.base_seed + step, lr=lr,
                            recorder=self.rec64, dtype=torch.float64)
         return _flatten(ref, "ref64")
 

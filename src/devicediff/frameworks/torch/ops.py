@@ -714,7 +714,8 @@ def ops_line(r: dict) -> str:
     """The result of :func:`localise` in one sentence (docs/diverge.md)."""
     n = r.get("named")
     if n is None:
-        line = (f"no operation of step {r['step']} computes different mathematics: {r['agree']} aligned operations "
+        which = "no compared operation" if r.get("not_compared") else "no operation"
+        line = (f"{which} of step {r['step']} computes different mathematics: {r['agree']} aligned operations "
                 f"agree on A's inputs in float64")
         if r.get("not_compared"):
             line += f"; {r['not_compared']}"

@@ -426,9 +426,11 @@ class PredNet(nn.Module):
             c = torch.addcmul(f * c_prev, i, torch.tanh(zg))
             o = torch.sigmoid(torch.addcmul(zo, layer.peephole_o, c))
         else:
-            ifo = _hard_sigmoid(z[:, : 3 * n])
-            i, f, o = ifo.split(n, 1)
-            c = torch.addcmul(f * c_prev, i, torch.tanh(z[:, 3 * n :]))
+            # One split, not two slices: the backward of a split is one concat, that of two slices two
+            # zero-filled full-size gradients and their sum (5 launches); the same values.
+            zifo, zg = z.split([3 * n, n], 1)
+            i, f, o = _hard_sigmoid(zifo).split(n, 1)
+            c = torch.addcmul(f * c_prev, i, torch.tanh(zg))
         h = o * torch.tanh(c)
         return h, c
 
