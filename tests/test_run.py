@@ -184,3 +184,25 @@ def test_jobs_and_gpu_slots_must_be_positive(tiny_study, tmp_path, flag):
     r = devicediff("run", str(tiny_study("bad-jobs", seeds=1)), "--store", str(store), flag, "0", cwd=tmp_path)
     assert r.returncode == 2 and f"argument {flag}" in r.stderr and "at least 1" in r.stderr
     assert not store.exists()
+
+
+def test_ctrl_c_while_runs_are_being_started_marks_the_begun_ones_interrupted(tiny_study, tmp_path, monkeypatch):
+    """A Ctrl-C between recording one run as started and the next (a slow machine makes that
+    window long) leaves no run 'running': the begun ones become 'interrupted'."""
+    from devicediff import runner
+    from devicediff.study import load_study
+
+    real, calls = runner._begin, []
+
+    def begin_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_begin", begin_then_interrupt)
+    db = tmp_path / "s.db"
+    with open_store(str(db)) as s, pytest.raises(KeyboardInterrupt):
+        runner.run_study(load_study(tiny_study()), s, store_path=str(db))
+    states = [st for (st,) in sqlite3.connect(db).execute("select state from runs")]
+    assert sorted(states) == ["interrupted", "interrupted"], states

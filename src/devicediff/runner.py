@@ -209,12 +209,17 @@ def run_study(
     if only_configs:
         todo = [(rid, c) for rid, c in todo if c.config.name in only_configs]
     root = artifacts_root(store_path)
-    tasks = [_begin(study, store, rid, cell, machine, root / rid, pythons) for rid, cell in todo]
-    result = StudyRun(study, machine, started=len(tasks), kept=kept)
+    result = StudyRun(study, machine, started=len(todo), kept=kept)
     prog = progress or Progress(enabled=False)
-    prog.begin(study.name, [t.label for t in tasks], kept=kept)
+    tasks: list[Task] = []
+    begun: list[str] = []
     t0 = time.time()
     try:
+        # inside the try: a Ctrl-C while runs are being recorded as started marks those interrupted too
+        for rid, cell in todo:
+            begun.append(rid)
+            tasks.append(_begin(study, store, rid, cell, machine, root / rid, pythons))
+        prog.begin(study.name, [t.label for t in tasks], kept=kept)
         for task, rec in executor.execute(tasks):
             store.record(task.run_id, rec)
             kind = rec["kind"]
@@ -227,9 +232,9 @@ def run_study(
                 result.timing[task.run_id] = rec.get("timing")
                 prog.finish(task.label, rec.get("state", FAILED), rec.get("error"))
     except KeyboardInterrupt:
-        for task in tasks:
-            if task.run_id not in result.states:
-                store.update_run(task.run_id, state=INTERRUPTED, error="interrupted (Ctrl-C); runs again on resume")
+        for rid in begun:
+            if rid not in result.states:
+                store.update_run(rid, state=INTERRUPTED, error="interrupted (Ctrl-C); runs again on resume")
         raise
     finally:
         result.wall = time.time() - t0
