@@ -287,7 +287,8 @@ def measure(variant: str, device: torch.device, option: str, steps: int, warmup:
         sync(device)
         warm_s = time.perf_counter() - t0
         probe = host_probe()
-        if "nogc" in option.split("+"):  # the cyclic garbage collector off for the timed steps
+        nogc = "nogc" in option.split("+")
+        if nogc:  # the cyclic garbage collector off for the timed steps
             gc.collect()
             gc.freeze()
             gc.disable()
@@ -303,8 +304,9 @@ def measure(variant: str, device: torch.device, option: str, steps: int, warmup:
         sync(device)
         dt = (time.perf_counter() - t0) / steps
         sched = sched_delta(sched0, sched_sample(), steps)
-        gc.enable()
-        gc.unfreeze()
+        if nogc:
+            gc.enable()
+            gc.unfreeze()
         issue = []  # the host's time to issue one step, from an idle GPU (an upper bound where the queue fills)
         for _ in range(5 if device.type == "cuda" else 0):
             t1 = time.perf_counter()

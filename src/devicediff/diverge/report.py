@@ -75,9 +75,9 @@ def growth_table(payload: dict) -> Table:
                   _g(w.get("rel_l2")), _g(fw.get("rel_l2")), _g(fw.get("err_a")), _g(fw.get("err_b")),
                   _g(st.get("free_loss_diff")))
     t.caption = ("weights A−B: relative L2 over all weights after the step; start gap: the same for the two "
-                 "sides' starting states (0 until a beyond-rounding difference moves them apart); free: copies "
-                 "trained normally, never re-synchronised; drift X: free-running X vs its float64 teacher trajectory; "
-                 "|ΔL|: their loss difference")
+                 "sides' starting states (0 until a beyond-rounding difference or unshared random draws move them "
+                 "apart); free: copies trained normally, never re-synchronised; drift X: free-running X vs its float64 "
+                 "teacher trajectory; |ΔL|: their loss difference")
     return t
 
 

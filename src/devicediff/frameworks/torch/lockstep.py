@@ -195,8 +195,15 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64) if t.is_floating_point() else t.detach()
 
 
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of ``t`` in float64, as a tensor on ``t``'s device (no synchronisation)."""
+    if not t.numel():
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    return torch.linalg.vector_norm(t.double().reshape(-1))
+
+
 def _l2(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t.double().reshape(-1))) if t.numel() else 0.0
+    return float(_norm(t))
 
 
 def _local_entry(work: torch.Tensor, replay: torch.Tensor, magnitude: torch.Tensor, k: float, u: float) -> torch.Tensor:
@@ -207,12 +214,8 @@ def _local_entry(work: torch.Tensor, replay: torch.Tensor, magnitude: torch.Tens
     w = _f64(work).to(replay.device)  # an optimizer's step counter lives on the CPU beside GPU weights
     if w.shape != replay.shape:
         return torch.full((3,), math.nan, dtype=torch.float64, device=replay.device)
-
-    def norm(t):
-        return torch.linalg.vector_norm(t.reshape(-1)) if t.numel() else t.new_zeros(())
-
-    err, scale = norm(w - replay), norm(magnitude.double())
-    return torch.stack([err, k * u * scale + u * norm(replay), scale])
+    err, scale = _norm(w - replay), _norm(magnitude)
+    return torch.stack([err, k * u * scale + u * _norm(replay), scale])
 
 
 def entries_to_host(entries: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
