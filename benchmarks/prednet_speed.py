@@ -19,7 +19,8 @@ never used by the workload's default (join several with "+"): ``nocudnn``,
 ``compile`` (torch.compile, default mode), ``batch_wgrad`` (each conv's weight
 gradient once per step over all time steps, ``PredNet.set_batch_wgrad``) and
 ``nogc`` (Python's cyclic garbage collector frozen and off during the timed steps: the same
-arithmetic), ``flipfresh`` (the routed convs flip their weights at every call, as
+arithmetic), ``unfused`` (eager's elementwise kernels for the lotter cell and the error units instead of
+``fused.py``'s: the same bits), ``flipfresh`` (the routed convs flip their weights at every call, as
 before the flip cache), ``routes`` (the fastest cuDNN entry points measured by ``--conv-table`` in
 this run, instead of the table shipped in model.py), ``plain`` (no routes:
 conv2d everywhere) and ``naive`` (a straightforward port
@@ -165,6 +166,8 @@ def make_case(variant: str, device: torch.device, option: str):
         model.set_conv_routes(dict(MEASURED_ROUTES))
     if "plain" in opts:  # conv2d and autograd's own backward everywhere (the model before issue 7's routes)
         model.set_conv_routes("plain")
+    if "unfused" in opts:  # eager's kernels for the lotter cell and the error units (before fused.py)
+        model.set_fused(False)
     if "flipfresh" in opts:  # the routed convs flip their weights at every call (before the flip cache)
         for m in model.modules():
             if isinstance(m, Conv3x3):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from devicediff.data.mnist import DataError
 from devicediff.spec import Batch
-from devicediff.workloads.prednet import make
+from devicediff.workloads.prednet import fused, make
 from devicediff.workloads.prednet.model import (CUDNN_ROUTES, PLAIN, Conv3x3, PredNet, _Conv3x3Fn, build_prednet,
                                                  choose_route)
 from devicediff.workloads.prednet.workload import AliasedTargetMSE, lotter_loss, ssim, window_mse_loss
@@ -484,6 +484,104 @@ def test_cuda_routes_match_plain():
     assert out["auto"][0] == pytest.approx(out["plain"][0], rel=1e-5)
     for k, g in out["plain"][1].items():
         assert torch.linalg.vector_norm(out["auto"][1][k] - g) <= 1e-4 * torch.linalg.vector_norm(g) + 1e-12, k
+
+
+def _train(dev, variant: str, *, fuse: bool, steps: int, size=(64, 80)):
+    """``steps`` training steps (lotter: batch 4, nt 10; chainer-lineage: one 10-frame window of one sequence;
+    channels 3-48-96-192) with the fused kernels on or off, from the same weights and frames: (state_dict, losses)."""
+    h, w = size
+    m = build_prednet(variant=variant, channels=[3, 48, 96, 192], height=h, width=w, init_seed=0).to(dev)
+    m.set_fused(fuse)
+    lotter = variant == "lotter"
+    x = torch.rand(4 if lotter else 1, 10 if lotter else 11, 3, h, w, generator=torch.Generator().manual_seed(1))
+    x = x.to(dev)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        if lotter:
+            loss = lotter_loss(m(x, full_last_step=False), [1.0, 0.0, 0.0, 0.0])
+        else:
+            loss = window_mse_loss(m(x[:, :-1]).predictions, x[:, 1:])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return m.state_dict(), losses
+
+
+@pytest.fixture
+def cuda_deterministic():
+    """CUDA, cuDNN deterministic and TF32 off for the test: cuDNN's default algorithms make even two eager runs
+    differ in their last bits (measured on an H200), which would hide what a test of bit equality asks."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cudnn = torch.backends.cudnn
+    old = cudnn.deterministic, cudnn.allow_tf32
+    cudnn.deterministic, cudnn.allow_tf32 = True, False
+    yield torch.device("cuda")
+    cudnn.deterministic, cudnn.allow_tf32 = old
+
+
+@pytest.mark.gpu
+def test_fused_lotter_kernels_give_eager_bits_on_edge_values(cuda_deterministic):
+    """The fused cell and error kernels, forward and backward, against eager's aten operations on the hard
+    sigmoid's corners, signed zeros, subnormal, huge and infinite values: every bit the same (issue 17)."""
+    assert fused.compare(cuda_deterministic) == []
+    assert fused.usable(torch.zeros(2, 3, device=cuda_deterministic))  # the self-check passed, so the model fuses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["lotter", "chainer-lineage"])
+def test_fused_training_is_bitwise_eager_and_issues_fewer_kernels(cuda_deterministic, variant):
+    dev = cuda_deterministic
+    sd_fused, l_fused = _train(dev, variant, fuse=True, steps=3)
+    sd_eager, l_eager = _train(dev, variant, fuse=False, steps=3)
+    assert l_fused == l_eager
+    for k, v in sd_eager.items():
+        assert fused._bits_equal(sd_fused[k], v), k
+    if variant != "lotter":
+        return
+    counts = {}
+    for on in (True, False):
+        m = build_prednet(variant="lotter", channels=[3, 8, 8], height=16, width=16, init_seed=0).to(dev)
+        x = torch.rand(2, 4, 3, 16, 16, device=dev)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            lotter_loss(m.set_fused(on)(x), [1.0, 0.0, 0.0]).backward()
+            torch.cuda.synchronize()
+        counts[on] = sum(1 for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
+    assert counts[True] < 0.75 * counts[False], counts
+
+
+@pytest.mark.gpu
+def test_fused_kernels_stand_aside_under_a_dispatch_mode(cuda_deterministic):
+    """diverge's operation recorder and the random-draw watch are dispatch modes: under one the model issues
+    eager's aten operations (the same bits), so the recorder sees every one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    z = torch.randn(2, 12, 4, 4, device=cuda_deterministic)
+    assert fused.usable(z)
+    with Watch():
+        assert not fused.usable(z)
+        m = build_prednet(variant="lotter", channels=[3, 3], height=4, width=4, init_seed=0).to(cuda_deterministic)
+        m(torch.rand(1, 2, 3, 4, 4, device=cuda_deterministic))
+    assert "aten.hardtanh.default" in seen and "aten.addcmul.default" in seen
+
+
+def test_fused_kernels_are_only_for_cuda_float32():
+    """On the CPU, in float64 (diverge's reference) or channels_last, the model runs eager's operations."""
+    z = torch.zeros(2, 8, 4, 4)
+    assert not fused.usable(z)
+    assert not fused.usable(z.double())
+    m = build_prednet(variant="lotter", channels=[2, 4], height=8, width=8, init_seed=0)
+    assert m.fuse  # the default: fused wherever usable
+    assert fused._ordered(torch.zeros(2, 5, 3, 4, 4)[:, 1]) and not fused._ordered(torch.zeros(4, 4).t())
 
 
 def test_lotter_cell_split_is_bitwise_the_two_slice_form():

@@ -62,7 +62,9 @@ output channels; the three LSTM inputs are concatenated once; E is made with
 one concat and one ReLU (ReLU(cat[d, -d]) equals [ReLU(A-P), ReLU(P-A)]
 exactly, since a - b = -(b - a) in IEEE arithmetic); on Hopper GPUs a few
 convolutions of the lotter training shapes enter cuDNN through another,
-faster entry point computing the same sums (``Conv3x3``, ``CUDNN_ROUTES``).
+faster entry point computing the same sums (``Conv3x3``, ``CUDNN_ROUTES``); on CUDA, the lotter
+cell's and the error units' elementwise operations run as one kernel each way with eager's
+roundings, bit for bit (``fused.py``, ``PredNet.set_fused``).
 Nothing here follows or overrides the execution config: channels_last, TF32,
 compile and CUDA graphs are config axes of the loop, or options of
 ``benchmarks/prednet_speed.py``.
@@ -89,6 +91,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from devicediff.workloads.prednet import fused
 
 VARIANTS = ("chainer-lineage", "lotter")
 GATE_ORDER = ("i", "f", "o", "g")
@@ -294,17 +298,6 @@ class PredNetOutput(NamedTuple):
     state: State | None
 
 
-def _hard_sigmoid(z: torch.Tensor) -> torch.Tensor:
-    # Keras 1/2 hard_sigmoid: clip(0.2 z + 0.5, 0, 1).
-    return F.hardtanh(z.mul(0.2).add_(0.5), 0.0, 1.0)
-
-
-def _errors(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    # [ReLU(A - P), ReLU(P - A)]; -(a - p) == (p - a) exactly, so one subtraction serves both.
-    d = a - p
-    return torch.cat([d, d.neg()], 1).relu_()
-
-
 class PredNet(nn.Module):
     """See the module docstring. ``forward(frames, state)`` runs the recurrence
     over ``frames`` of shape (B, T, C, H, W)."""
@@ -328,6 +321,7 @@ class PredNet(nn.Module):
         self.variant, self.channels, self.r_channels = variant, channels, r_channels
         self.height, self.width = int(height), int(width)
         self.peepholes = variant == "chainer-lineage"
+        self.fuse = True  # lotter on CUDA: fused elementwise kernels, eager's bits (fused.py)
         self.layers = nn.ModuleList(
             PredNetLayer(
                 a_ch=channels[l],
@@ -356,6 +350,13 @@ class PredNet(nn.Module):
         for m in self.modules():
             if isinstance(m, Conv3x3):
                 m.batch_wgrad = bool(on)
+        return self
+
+    def set_fused(self, on: bool = True) -> "PredNet":
+        """lotter on a CUDA GPU: the cell's and the error units' elementwise operations as one kernel
+        each way (``fused.py``; the same bits as eager, checked on each device before first use).
+        ``False``: eager's kernels everywhere."""
+        self.fuse = bool(on)
         return self
 
     @property
@@ -425,14 +426,11 @@ class PredNet(nn.Module):
             f = torch.sigmoid(torch.addcmul(zf, layer.peephole_f, c_prev))
             c = torch.addcmul(f * c_prev, i, torch.tanh(zg))
             o = torch.sigmoid(torch.addcmul(zo, layer.peephole_o, c))
-        else:
-            # One split, not two slices: the backward of a split is one concat, that of two slices two
-            # zero-filled full-size gradients and their sum (5 launches); the same values.
-            zifo, zg = z.split([3 * n, n], 1)
-            i, f, o = _hard_sigmoid(zifo).split(n, 1)
-            c = torch.addcmul(f * c_prev, i, torch.tanh(zg))
-        h = o * torch.tanh(c)
-        return h, c
+            return o * torch.tanh(c), c
+        # lotter: eager's kernels, or on a CUDA GPU the fused ones computing the same bits (fused.py)
+        if self.fuse and fused.usable(z, c_prev):
+            return fused.lotter_cell(z, c_prev, n)
+        return fused.eager_cell(z, c_prev, n)
 
     def _top_down(self, e: list, r_prev: list, c_prev: list):
         nl = self.num_layers
@@ -453,7 +451,7 @@ class PredNet(nn.Module):
         e = [None] * self.num_layers
         a = x
         for l in range(upto):
-            e[l] = _errors(a, p[l])
+            e[l] = fused.errors(a, p[l]) if self.fuse and fused.usable(p[l], a) else fused.eager_errors(a, p[l])
             if l + 1 < upto:
                 a = F.max_pool2d(torch.relu(self.layers[l].conv_a(e[l])), 2)
         return e

@@ -175,7 +175,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, win: int 
 # ------------------------------------------------------------------------------------
 
 
-def _check_choices(variant: str, fault: str, conv_routes: str) -> tuple[str, str, str]:
+def _check_choices(variant: str, fault: str, conv_routes: str, fused_kernels: str) -> tuple[str, str, str, str]:
     if variant not in VARIANTS:
         raise ParamError(f"prednet.variant {variant!r} unknown; use one of {list(VARIANTS)}")
     if fault not in FAULTS:
@@ -184,7 +184,10 @@ def _check_choices(variant: str, fault: str, conv_routes: str) -> tuple[str, str
         raise ParamError("prednet.fault = 'alias_targets' needs variant = 'chainer-lineage' (lotter's loss has no targets)")
     if conv_routes not in ("auto", "plain"):
         raise ParamError(f"prednet.conv_routes {conv_routes!r} unknown; use 'auto' (measured cuDNN routes on Hopper) or 'plain'")
-    return variant, fault, conv_routes
+    if fused_kernels not in ("auto", "off"):
+        raise ParamError(f"prednet.fused_kernels {fused_kernels!r} unknown; use 'auto' (fused elementwise kernels on "
+                         "CUDA, eager's bits) or 'off'")
+    return variant, fault, conv_routes, fused_kernels
 
 
 def _window(variant: str, window: int | None, nt: int | None) -> int | None:
@@ -262,8 +265,10 @@ class PredNetWorkload(Workload):
         grid_frames: int = 10,
         fault: str = "none",
         conv_routes: str = "auto",
+        fused_kernels: str = "auto",
     ):
-        self.variant, self.fault, self.conv_routes = _check_choices(variant, fault, conv_routes)
+        self.variant, self.fault, self.conv_routes, self.fused_kernels = _check_choices(variant, fault, conv_routes,
+                                                                                        fused_kernels)
         d = DEFAULTS[variant]
         window = _window(variant, window, nt)
         self.height = int(height if height is not None else d["height"])
@@ -330,7 +335,8 @@ class PredNetWorkload(Workload):
             "r_channels": self.r_channels, "height": self.height, "width": self.width,
             "window": self.window, "sequence_length": self.sequence_length, "batch_size": self.batch_size,
             "lr": self.lr, "lr_drop": self.lr_drop, "layer_loss_weights": self.layer_loss_weights,
-            "fault": self.fault, "conv_routes": self.conv_routes, "train_sequences": len(self.train_x), "test_sequences": len(self.test_x),
+            "fault": self.fault, "conv_routes": self.conv_routes,
+            "fused_kernels": self.fused_kernels, "train_sequences": len(self.train_x), "test_sequences": len(self.test_x),
             "dataset_seed": self.dataset_seed, "data": self.data_info,
             "randomness": "none during training (no dropout); init from init_seed, order from data_seed",
         }
@@ -339,7 +345,7 @@ class PredNetWorkload(Workload):
     def build_model(self, init_seed: int) -> PredNet:
         model = build_prednet(variant=self.variant, channels=self.channels, r_channels=self.r_channels,
                               height=self.height, width=self.width, init_seed=init_seed)
-        return model.set_conv_routes(self.conv_routes)
+        return model.set_conv_routes(self.conv_routes).set_fused(self.fused_kernels == "auto")
 
     def make_optimizer(self, model) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=self.lr)
