@@ -574,6 +574,20 @@ def test_fused_kernels_stand_aside_under_a_dispatch_mode(cuda_deterministic):
     assert "aten.hardtanh.default" in seen and "aten.addcmul.default" in seen
 
 
+@pytest.mark.gpu
+def test_compiled_lotter_step_is_one_graph(cuda_deterministic):
+    """torch.compile (the ``compile`` axis) sees the whole forward as one graph on a Hopper GPU: neither the
+    routed convolutions nor the fused kernels break it (they stand aside while dynamo traces)."""
+    m = build_prednet(variant="lotter", channels=[3, 48, 96, 192], height=128, width=160, init_seed=0)
+    m = m.to(cuda_deterministic)
+    x = torch.rand(4, 10, 3, 128, 160, device=cuda_deterministic)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(lambda v: lotter_loss(m(v, full_last_step=False), [1.0, 0.0, 0.0, 0.0]))(x)
+    torch._dynamo.reset()
+    assert ex.graph_break_count == 0, ex.break_reasons
+    assert ex.graph_count == 1
+
+
 def test_fused_kernels_are_only_for_cuda_float32():
     """On the CPU, in float64 (diverge's reference) or channels_last, the model runs eager's operations."""
     z = torch.zeros(2, 8, 4, 4)

@@ -196,7 +196,10 @@ class Conv3x3(nn.Module):
         return choose_route(self.routes, (x.shape[0], self.in_channels, self.out_channels, x.shape[2], x.shape[3]), arch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        route = self._route(x)
+        # Under torch.compile, plain conv2d: the routed path's autograd.Function (with this module as an
+        # argument) broke dynamo's graph at every convolution, and each of the step's shapes then recompiled
+        # this method until dynamo's recompile limit left the rest of the step uncompiled (docs/prednet.md).
+        route = PLAIN if torch.compiler.is_compiling() else self._route(x)
         if torch.is_grad_enabled() and self.weight.requires_grad and (self.batch_wgrad or route != PLAIN):
             return _Conv3x3Fn.apply(x, self.weight, self.bias, route, self)
         if route[0] == "tconv":
