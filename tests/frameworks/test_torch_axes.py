@@ -108,6 +108,41 @@ def test_compile_mode_is_recorded_or_skipped_with_the_reason(tmp_path):
     assert r.returncode == 0, r.stderr
     assert compiled["state"] == "finished" and compiled["effective"]["compile"] == "default"
     assert json.loads(rows["eager"])["effective"]["compile"] in (False, None)
+    detail = compiled["effective"]["compile_detail"]  # what was compiled, recorded with the run
+    assert detail["graphs"] >= 1 and detail["graph_breaks"] == 0 and detail["frames_not_compiled"] == 0, detail
+    assert not any(w.startswith("compile:") for w in compiled["effective"]["warnings"])
+    assert "compile_detail" not in json.loads(rows["eager"])["effective"]
+
+
+def test_compile_report_names_graph_breaks_and_code_left_uncompiled():
+    """A model Dynamo splits (a print) and a function it gives up on (its recompile limit): the run's record
+    says so, rather than calling a partly eager run compiled (real Dynamo, its eager backend)."""
+    from devicediff.frameworks.torch.backend import compile_report, dynamo_counts
+
+    def split(x):
+        y = x * 2
+        print("", end="")  # Dynamo cannot trace print: a graph break
+        return y.sin()
+
+    def scaled(x, k):
+        return x * k
+
+    before = dynamo_counts()
+    try:
+        torch.compile(split, backend="eager")(torch.ones(3))
+        with torch._dynamo.config.patch(recompile_limit=1):
+            f = torch.compile(scaled, backend="eager", dynamic=False)
+            for k in range(3):
+                assert torch.equal(f(torch.ones(2), k), torch.full((2,), float(k)))
+        detail, warnings = compile_report(before, dynamo_counts())
+    finally:
+        torch._dynamo.reset()
+    assert detail["graph_breaks"] >= 1 and any("print" in r for r in detail["break_reasons"]), detail
+    assert detail["frames_not_compiled"] >= 1 and any("recompile limit" in r for r in detail["not_compiled_reasons"])
+    assert any("part of the model ran uncompiled" in w for w in warnings)
+    assert any("graph break" in w for w in warnings)
+    assert compile_report(dynamo_counts(), dynamo_counts()) == (
+        {"graphs": 0, "graph_breaks": 0, "break_reasons": {}, "frames_not_compiled": 0, "not_compiled_reasons": {}}, [])
 
 
 def test_cuda_graphs_refused_where_the_step_cannot_be_captured(tmp_path):

@@ -209,6 +209,48 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return torch.compile(model) if mode == "default" else torch.compile(model, mode=mode)
 
 
+def dynamo_counts() -> dict:
+    """Dynamo's process-wide counters of what it compiled: code frames seen and compiled, graphs,
+    graph breaks and the frames it gave up on (``torch._dynamo.utils.counters``), by reason."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": int(counters["frames"]["total"]), "compiled": int(counters["frames"]["ok"]),
+            "graphs": int(counters["stats"]["unique_graphs"]), "breaks": dict(counters["graph_break"]),
+            "given_up": dict(counters["unimplemented"])}
+
+
+def compile_report(before: dict, now: dict) -> tuple[dict, list[str]]:
+    """What compiling did between two ``dynamo_counts``: the ``compile_detail`` record and warnings.
+    A graph break splits the model into several graphs with Python between them; a frame Dynamo gave
+    up on (e.g. its recompile limit hit) runs uncompiled, so the run is partly eager. Reasons are kept
+    short: Dynamo's first line and its "Explanation:" line."""
+    def short(reason: str) -> str:
+        lines = [x.strip() for x in reason.strip().splitlines()]
+        why = next((x.removeprefix("Explanation:").strip() for x in lines[1:] if x.startswith("Explanation:")), "")
+        return f"{lines[0]}: {why}"[:240] if why else lines[0][:240]
+
+    def delta(key):
+        out = {}
+        for reason, n in now[key].items():
+            d = n - before[key].get(reason, 0)
+            if d > 0:
+                out[short(reason)] = out.get(short(reason), 0) + d
+        return out
+
+    breaks, given_up = delta("breaks"), delta("given_up")
+    uncompiled = (now["frames"] - before["frames"]) - (now["compiled"] - before["compiled"])
+    detail = {"graphs": now["graphs"] - before["graphs"], "graph_breaks": sum(breaks.values()),
+              "break_reasons": breaks, "frames_not_compiled": uncompiled, "not_compiled_reasons": given_up}
+    warnings = []
+    if given_up:
+        warnings.append(f"compile: Dynamo gave up on {uncompiled} code frame(s) ({'; '.join(given_up)}): "
+                        "part of the model ran uncompiled")
+    if breaks:
+        warnings.append(f"compile: {sum(breaks.values())} graph break(s) ({'; '.join(list(breaks)[:3])}): "
+                        "the model was compiled in pieces, with uncompiled Python between them")
+    return detail, warnings
+
+
 # -- gradient noise ------------------------------------------------------------------------------------
 
 
@@ -458,6 +500,9 @@ class TorchBackend(_driver.Backend):
         self.graphed = self._make_graphed() if cfg.get("cuda_graphs") else None
         self.skipped_steps = 0  # fp16: optimizer steps GradScaler skipped (inf/NaN gradients)
         self._watched = False  # the first step of this process checks for random draws
+        self._draw_warnings: list[str] = []
+        self._compile_warnings: list[str] = []
+        self._dynamo_before = self._dynamo_seen = dynamo_counts() if mode else None
         self._record_axes(mode)
         self.emit_effective()
 
@@ -513,8 +558,23 @@ class TorchBackend(_driver.Backend):
         batch = Batch(move_to(batch.data, self.device), batch.new_sequence)
         if not self._watched:
             self._watched = True
-            return self._first_step(step, batch)
-        return self.graphed.step(step, batch) if self.graphed else self.eager_step(step, batch)
+            loss = self._first_step(step, batch)
+        else:
+            loss = self.graphed.step(step, batch) if self.graphed else self.eager_step(step, batch)
+        if self._dynamo_before is not None:
+            self._note_compile()
+        return loss
+
+    def _note_compile(self) -> None:
+        """Record, whenever Dynamo's counters move (the first steps, a recompile), how much of the model
+        it compiled: a ``compile`` config whose model ran partly eager says so in its warnings."""
+        now = dynamo_counts()
+        if now == self._dynamo_seen:
+            return
+        self._dynamo_seen = now
+        self.settings["compile_detail"], self._compile_warnings = compile_report(self._dynamo_before, now)
+        self.settings["warnings"] = self._draw_warnings + self._compile_warnings
+        self.emit_effective()
 
     def eager_step(self, step: int, batch: Batch) -> torch.Tensor:
         """One optimizer update: autocast around forward and loss, backward outside it, gradient
@@ -568,7 +628,8 @@ class TorchBackend(_driver.Backend):
         else:
             info, warnings = {"generators": []}, []
         self.settings["random_draws"] = info
-        self.settings["warnings"] = warnings
+        self._draw_warnings = warnings
+        self.settings["warnings"] = warnings + self._compile_warnings
         self.emit_effective()
         return loss
 

@@ -324,7 +324,7 @@ class PredNet(nn.Module):
         self.variant, self.channels, self.r_channels = variant, channels, r_channels
         self.height, self.width = int(height), int(width)
         self.peepholes = variant == "chainer-lineage"
-        self.fuse = True  # lotter on CUDA: fused elementwise kernels, eager's bits (fused.py)
+        self.fuse = True  # on CUDA: the lotter cell and the error units as fused kernels, eager's bits (fused.py)
         self.layers = nn.ModuleList(
             PredNetLayer(
                 a_ch=channels[l],
@@ -356,9 +356,9 @@ class PredNet(nn.Module):
         return self
 
     def set_fused(self, on: bool = True) -> "PredNet":
-        """lotter on a CUDA GPU: the cell's and the error units' elementwise operations as one kernel
-        each way (``fused.py``; the same bits as eager, checked on each device before first use).
-        ``False``: eager's kernels everywhere."""
+        """On a CUDA GPU, the lotter cell's and (both variants) the error units' elementwise operations
+        as one kernel each way (``fused.py``; the same bits as eager, checked on each device before
+        first use). ``False``: eager's kernels everywhere."""
         self.fuse = bool(on)
         return self
 
