@@ -531,6 +531,21 @@ def test_fused_lotter_kernels_give_eager_bits_on_edge_values(cuda_deterministic)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_the_first_fused_call_may_come_from_an_evaluation(cuda_deterministic, context, monkeypatch):
+    """A study evaluates at step 0, under no_grad, before it trains: the self-check must still pass there,
+    or the whole run would quietly take eager's kernels."""
+    monkeypatch.setattr(fused, "_checked", {})
+    m = build_prednet(variant="lotter", channels=[3, 8], height=16, width=16, init_seed=0).to(cuda_deterministic)
+    x = torch.rand(2, 3, 3, 16, 16, device=cuda_deterministic)
+    with getattr(torch, context)():
+        out = m(x)
+        ref = m.set_fused(False)(x)
+    assert list(fused._checked.values()) == [True]
+    assert torch.equal(out.predictions[-1], ref.predictions[-1])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["lotter", "chainer-lineage"])
 def test_fused_training_is_bitwise_eager_and_issues_fewer_kernels(cuda_deterministic, variant):
     dev = cuda_deterministic
