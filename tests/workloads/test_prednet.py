@@ -603,6 +603,16 @@ def test_compiled_lotter_step_is_one_graph(cuda_deterministic):
     assert ex.graph_count == 1
 
 
+def test_fused_kernels_parameter_is_recorded_and_checked():
+    from devicediff.errors import ParamError
+
+    wl = make(variant="lotter", window=5, batch_size=2, fused_kernels="off", **TINY)
+    assert wl.describe()["fused_kernels"] == "off" and not wl.build_model(0).fuse
+    assert make(variant="lotter", window=5, batch_size=2, **TINY).build_model(0).fuse
+    with pytest.raises(ParamError, match="fused_kernels 'on' unknown; use 'auto'"):
+        make(variant="lotter", window=5, batch_size=2, fused_kernels="on", **TINY)
+
+
 def test_fused_kernels_are_only_for_cuda_float32():
     """On the CPU, in float64 (diverge's reference) or channels_last, the model runs eager's operations."""
     z = torch.zeros(2, 8, 4, 4)

@@ -35,7 +35,7 @@ import sys
 import torch
 
 # -- the kernels -------------------------------------------------------------------------------
-# Eager's lotter cell (model.PredNet._lstm): i, f, o = hardtanh(z * 0.2 + 0.5, 0, 1) (Keras's hard
+# Eager's lotter cell (``eager_cell`` below): i, f, o = hardtanh(z * 0.2 + 0.5, 0, 1) (Keras's hard
 # sigmoid: mul, add_, clamp), g = tanh(z_g), c = addcmul(f * c_prev, i, g), h = o * tanh(c).
 
 
@@ -80,7 +80,7 @@ def _cell_bwd(with_gc: bool) -> str:
 
 CELL_BWD, CELL_BWD_GC = _cell_bwd(False), _cell_bwd(True)
 
-# Eager's error units (model._errors): d = a - p; E = relu_(cat[d, -d]). Here one kernel writes both
+# Eager's error units (``eager_errors`` below): d = a - p; E = relu_(cat[d, -d]). Here one kernel writes both
 # halves: ``s`` (+1, -1) broadcast over a (B, 2, C, H, W) output picks the half.
 ERR_FWD = ("template <typename T> void dd_errors_fwd(T a, T p, T s, T& e) {\n"
            "  float d = __fsub_rn(a, p);\n"
