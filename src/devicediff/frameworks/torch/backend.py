@@ -234,7 +234,8 @@ def compile_report(before: dict, now: dict) -> tuple[dict, list[str]]:
         for reason, n in now[key].items():
             d = n - before[key].get(reason, 0)
             if d > 0:
-                out[short(reason)] = out.get(short(reason), 0) + d
+                key = short(reason)
+                out[key] = out.get(key, 0) + d
         return out
 
     breaks, given_up = delta("breaks"), delta("given_up")

@@ -245,16 +245,14 @@ def compare(device: torch.device, batch: int = 2, n: int = 3, seed: int = 0) -> 
     bits differ (NaN counts as equal to NaN), empty when all agree."""
     g = torch.Generator().manual_seed(seed)
     vals = edge_values(device, seed=seed)
-    hw = 64 * 8
 
-    def draw(shape):
-        idx = torch.randint(len(vals), (int(torch.tensor(shape).prod()),), generator=g)
-        return vals[idx.to(device)].view(shape)
+    def draw(channels):  # (batch, channels, 16, 32) of edge values
+        idx = torch.randint(len(vals), (batch * channels * 16 * 32,), generator=g)
+        return vals[idx.to(device)].view(batch, channels, 16, 32)
 
-    shape = (batch, n, hw // 32, 32)
-    z0, c0 = draw((batch, 4 * n, hw // 32, 32)), draw(shape)
-    gh, gc = draw(shape), draw(shape)
-    a0, p0, ge = draw(shape), draw(shape), draw((batch, 2 * n, hw // 32, 32))
+    z0, c0 = draw(4 * n), draw(n)
+    gh, gc = draw(n), draw(n)
+    a0, p0, ge = draw(n), draw(n), draw(2 * n)
     bad = []
     for with_gc in (True, False):
         res = {}
