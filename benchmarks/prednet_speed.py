@@ -17,7 +17,9 @@ never used by the workload's default (join several with "+"): ``nocudnn``,
 ``deterministic``, ``cudnn_benchmark``, ``channels_last``,
 ``tf32``, ``cudagraph`` (whole step captured, Adam(capturable=True)),
 ``compile`` (torch.compile, default mode), ``batch_wgrad`` (each conv's weight
-gradient once per step over all time steps, ``PredNet.set_batch_wgrad``) and
+gradient once per step over all time steps, ``PredNet.set_batch_wgrad``: chainer-lineage; lotter's
+default), ``stepwgrad`` (each conv's weight gradient per time step, summed by autograd: lotter's
+default before 2026-12-03) and
 ``nogc`` (Python's cyclic garbage collector frozen and off during the timed steps: the same
 arithmetic), ``unfused`` (eager's elementwise kernels for the lotter cell and the error units instead of
 ``fused.py``'s: the same bits), ``flipfresh`` (the routed convs flip their weights at every call, as
@@ -162,10 +164,12 @@ def make_case(variant: str, device: torch.device, option: str):
         model = model.to(memory_format=torch.channels_last)
     if "batch_wgrad" in opts:
         model.set_batch_wgrad(True)
+    if "stepwgrad" in opts:
+        model.set_batch_wgrad(False)
     if "routes" in opts:  # the routes measured by conv_table in this process
         model.set_conv_routes(dict(MEASURED_ROUTES))
     if "plain" in opts:  # conv2d and autograd's own backward everywhere (the model before issue 7's routes)
-        model.set_conv_routes("plain")
+        model.set_conv_routes("plain").set_batch_wgrad(False)
     if "unfused" in opts:  # eager's kernels for the lotter cell and the error units (before fused.py)
         model.set_fused(False)
     if "flipfresh" in opts:  # the routed convs flip their weights at every call (before the flip cache)

@@ -219,20 +219,100 @@ def test_route_choice_and_plain_cpu_path():
     assert choose_route("auto", (1, 2, 3, 4, 5), 9) == PLAIN  # unlisted shape
     assert choose_route("plain", key, 9) == PLAIN
     assert choose_route({key: ("tconv", "conv")}, key, None) == ("tconv", "conv")
-    # On CPU the default model is plain autograd conv2d: nothing custom in the graph.
+    # On CPU, with per-step weight gradients, the model is plain autograd conv2d: nothing custom in the
+    # graph; batched weight gradients (lotter's default) take the module's Function.
+    x = torch.rand(4, 2 * 1 + 1 + 4, 8, 8)
     m = build_prednet(variant="lotter", channels=[1, 4], height=8, width=8, init_seed=0)
-    y = m.layers[0].lstm(torch.rand(4, 2 * 1 + 1 + 4, 8, 8))
-    assert type(y.grad_fn).__name__.startswith("Convolution")
+    assert type(m.layers[0].lstm(x).grad_fn).__name__ == "_Conv3x3FnBackward"
+    m.set_batch_wgrad(False)
+    assert type(m.layers[0].lstm(x).grad_fn).__name__.startswith("Convolution")
 
 
-def test_batch_wgrad_option_same_gradients():
-    a = build_prednet(variant="lotter", channels=[2, 4, 6], height=8, width=8, init_seed=0).double()
-    b = build_prednet(variant="lotter", channels=[2, 4, 6], height=8, width=8, init_seed=0).double().set_batch_wgrad()
-    x = torch.rand(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+def _tiny_lotter(batched: bool):
+    return build_prednet(variant="lotter", channels=[2, 4, 6], height=8, width=8, init_seed=0).double() \
+        .set_batch_wgrad(batched)
+
+
+def _tiny_frames(seed: int = 0):
+    return torch.rand(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_weight_gradients_batched_or_per_step_are_the_same_gradients():
+    a, b = _tiny_lotter(False), _tiny_lotter(True)
+    assert build_prednet(variant="chainer-lineage", channels=[1, 4], height=8, width=8,
+                         init_seed=0).layers[0].lstm.batch_wgrad is False  # Chainer's backward sums per step
+    assert b.layers[0].lstm.batch_wgrad is True  # lotter's default
+    x = _tiny_frames()
     for m in (a, b):
         lotter_loss(m(x), [1.0, 0.5, 0.0]).backward()
     for (k, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-14, msg=k)
+
+
+def test_batched_weight_gradients_go_through_the_engine():
+    """The batched total reaches each parameter once, through autograd's own accumulation: torch.autograd.grad
+    returns it, a parameter's hook sees one gradient per backward pass, .grad accumulates across passes
+    (retain_graph), and nodes of another graph still alive are not waited for."""
+    ref = _tiny_lotter(False)
+    x = _tiny_frames()
+    lotter_loss(ref(x), [1.0, 0.5, 0.0]).backward()
+    want = {k: p.grad for k, p in ref.named_parameters()}
+
+    m = _tiny_lotter(True)
+    other = m(_tiny_frames(1))  # a second live graph through the same modules, never backpropagated
+    loss = lotter_loss(m(x), [1.0, 0.5, 0.0])
+    names, params = zip(*m.named_parameters())
+    got = torch.autograd.grad(loss, params, retain_graph=True)
+    for k, g in zip(names, got):
+        torch.testing.assert_close(g, want[k], rtol=1e-10, atol=1e-14, msg=k)
+    assert all(p.grad is None for p in params)  # autograd.grad leaves .grad alone
+
+    w = m.layers[1].lstm.weight
+    calls = []
+    w.register_hook(lambda g: calls.append(g.clone()))
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert len(calls) == 2 and torch.equal(calls[0], calls[1])
+    torch.testing.assert_close(w.grad, 2 * want["layers.1.lstm.weight"], rtol=1e-10, atol=1e-14)
+    # only the input's gradient asked for: the weights' nodes still run (they carry it), nothing else changes
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(lotter_loss(m(xg), [1.0, 0.5, 0.0]), xg)
+    (gx_ref,) = torch.autograd.grad(lotter_loss(ref(xg), [1.0, 0.5, 0.0]), xg)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-14)
+    del other
+
+
+def test_batched_weight_gradients_under_reentrant_checkpointing():
+    """A module used outside and inside a reentrant checkpoint: the checkpoint's recomputation runs its own
+    backward pass inside the outer one; each pass gets its own total, as per-step gradients would."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for batched in (False, True):
+        conv = Conv3x3(3, 3).double()
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(3, 3, 3, 3, generator=torch.Generator().manual_seed(1)))
+            conv.bias.zero_()
+        conv.batch_wgrad = batched
+        y = checkpoint(lambda v: conv(conv(v).tanh()), conv(x).tanh(), use_reentrant=True)
+        conv(y.tanh()).square().sum().backward()  # one outer node runs before the checkpoint's pass, one after
+        grads.append(conv.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)
+
+
+def test_weight_grads_parameter_is_recorded_and_checked():
+    from devicediff.errors import ParamError
+
+    lot = make(variant="lotter", window=5, batch_size=2, **TINY)
+    assert lot.describe()["weight_grads"] == "batched" and lot.build_model(0).layers[0].lstm.batch_wgrad
+    ch = make(variant="chainer-lineage", window=5, sequence_length=11, **TINY)
+    assert ch.describe()["weight_grads"] == "per_step" and not ch.build_model(0).layers[0].lstm.batch_wgrad
+    per = make(variant="lotter", window=5, batch_size=2, weight_grads="per_step", **TINY)
+    assert per.describe()["weight_grads"] == "per_step" and not per.build_model(0).layers[0].conv_p.batch_wgrad
+    with pytest.raises(ParamError, match="weight_grads 'summed' unknown; use 'auto'"):
+        make(variant="lotter", window=5, batch_size=2, weight_grads="summed", **TINY)
 
 
 def test_bad_architecture_is_refused():
@@ -601,6 +681,48 @@ def test_compiled_lotter_step_is_one_graph(cuda_deterministic):
     torch._dynamo.reset()
     assert ex.graph_break_count == 0, ex.break_reasons
     assert ex.graph_count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 57, 12, 128, 160), (4, 576, 768, 16, 20)])
+def test_native_route_backward_in_one_call_is_two_calls_bitwise(cuda_deterministic, shape):
+    """A routed convolution with cuDNN's own input gradient asks for it and the weight and bias gradients in one
+    convolution_backward call (as autograd's conv2d backward does), not two: every bit the same (issue 17)."""
+    dev = cuda_deterministic
+    n, cin, cout, h, w = shape
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.rand(n, cin, h, w, device=dev, generator=g).requires_grad_()
+    conv = Conv3x3(cin, cout).to(dev)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(cout, cin, 3, 3, device=dev, generator=g) * 0.05)
+        conv.bias.copy_(torch.randn(cout, device=dev, generator=g))
+    gy = torch.randn(n, cout, h, w, device=dev, generator=g)
+    y = _Conv3x3Fn.apply(x, conv.weight, conv.bias, ("tconv", "native"), conv)
+    got = torch.autograd.grad(y, (x, conv.weight, conv.bias), gy)
+    args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    gx = torch.ops.aten.convolution_backward(gy, x, conv.weight, None, *args, [True, False, False])[0]
+    _, gw, gb = torch.ops.aten.convolution_backward(gy, x, conv.weight, [cout], *args, [False, True, True])
+    for a, b in zip(got, (gx, gw, gb)):
+        assert fused._bits_equal(a, b)
+
+
+@pytest.mark.gpu
+def test_batched_weight_gradients_on_cuda(cuda_deterministic):
+    """lotter's default on a Hopper GPU (routes, fused kernels): the batched weight gradients are those of the
+    per-step sums within float32 rounding, the same bits run to run, and the forward is untouched."""
+    dev = cuda_deterministic
+    x = torch.rand(4, 10, 3, 64, 80, generator=torch.Generator().manual_seed(0)).to(dev)
+    out = {}
+    for name, batched in (("batched", True), ("again", True), ("per_step", False)):
+        m = build_prednet(variant="lotter", channels=[3, 48, 96, 192], height=64, width=80, init_seed=0).to(dev)
+        loss = lotter_loss(m.set_batch_wgrad(batched)(x, full_last_step=False), [1.0, 0.0, 0.0, 0.0])
+        loss.backward()
+        out[name] = (loss.item(), {k: p.grad for k, p in m.named_parameters()})
+    assert out["batched"][0] == out["per_step"][0] == out["again"][0]
+    for k, gs in out["per_step"][1].items():
+        gb = out["batched"][1][k]
+        assert fused._bits_equal(gb, out["again"][1][k]), k
+        assert torch.linalg.vector_norm(gb - gs) <= 1e-5 * torch.linalg.vector_norm(gs) + 1e-12, k
 
 
 def test_fused_kernels_parameter_is_recorded_and_checked():

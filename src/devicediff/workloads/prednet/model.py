@@ -159,9 +159,13 @@ class Conv3x3(nn.Module):
       conv2d(gy, V): the same sums, but cuDNN's fp32 heuristics pick very
       different kernels for the two (``CUDNN_ROUTES``, docs/prednet.md). On
       CPU, with cuDNN off, off Hopper, or for unlisted shapes: plain conv2d.
-    * ``batch_wgrad`` (option, off; ``PredNet.set_batch_wgrad``): defer the weight gradient of
-      every call in one backward pass and compute it once over all of them
-      stacked along the batch axis: the same sum in another order.
+    * ``batch_wgrad`` (``PredNet.set_batch_wgrad``; the lotter variant's default): the weight and
+      bias gradients of all this module's calls in one backward pass computed once, over their
+      inputs and output gradients stacked along the batch axis, instead of once per call (per time
+      step) and summed by the autograd engine: the same sum in another order, with ten times fewer
+      convolution calls and no engine additions (docs/prednet.md, "Batched weight gradients"). The
+      total goes back through the engine from the module's last node to run in the pass, so
+      ``.grad``, ``torch.autograd.grad`` and parameter hooks see one gradient as usual.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -173,7 +177,8 @@ class Conv3x3(nn.Module):
         self.routes: str | dict = "auto"
         self.cache_flipped = True  # V = _flipped(W) once per weight version, not once per call
         self._flip: tuple | None = None  # (weakref to W, its data pointer, its version, V)
-        self._pending: list = []
+        self._nodes: list = []  # batch_wgrad: weak references to this module's autograd nodes
+        self._passes: dict = {}  # backward pass (graph task id) -> [nodes it will run, (x, gy) so far]
 
     def flipped(self, w: torch.Tensor) -> torch.Tensor:
         """``_flipped(w)``, made once for each version of ``w``: a recurrent step calls the conv at every
@@ -199,8 +204,10 @@ class Conv3x3(nn.Module):
         # Under torch.compile, plain conv2d: the routed path's autograd.Function (with this module as an
         # argument) broke dynamo's graph at every convolution, and each of the step's shapes then recompiled
         # this method until dynamo's recompile limit left the rest of the step uncompiled (docs/prednet.md).
-        route = PLAIN if torch.compiler.is_compiling() else self._route(x)
-        if torch.is_grad_enabled() and self.weight.requires_grad and (self.batch_wgrad or route != PLAIN):
+        compiling = torch.compiler.is_compiling()
+        route = PLAIN if compiling else self._route(x)
+        if torch.is_grad_enabled() and self.weight.requires_grad and not compiling \
+                and ((self.batch_wgrad and _CAN_BATCH) or route != PLAIN):
             return _Conv3x3Fn.apply(x, self.weight, self.bias, route, self)
         if route[0] == "tconv":
             return F.conv_transpose2d(x, _flipped(self.weight), self.bias, padding=1)
@@ -209,36 +216,53 @@ class Conv3x3(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=3, padding=1"
 
-    def __getstate__(self):  # pickling (torch.save of a whole model) leaves the flip cache behind
-        return {**super().__getstate__(), "_flip": None}
+    def __getstate__(self):  # pickling (torch.save of a whole model, deepcopy) leaves the caches behind
+        return {**super().__getstate__(), "_flip": None, "_nodes": [], "_passes": {}}
 
     # -- batch_wgrad ---------------------------------------------------------------
-    def _defer(self, x: torch.Tensor, gy: torch.Tensor) -> None:
-        if not self._pending:
-            # Runs once the whole backward pass is done (the hook DDP uses for its buckets).
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
-        self._pending.append((x, gy))
+    def _track(self, node) -> None:
+        if len(self._nodes) >= 64:  # forward passes that never ran backward leave dead references
+            self._nodes = [r for r in self._nodes if r() is not None]
+        self._nodes.append(weakref.ref(node))
 
-    def _flush(self) -> None:
-        xs, gys = zip(*self._pending)
-        self._pending = []
+    def _batched_wgrad(self, x: torch.Tensor, gy: torch.Tensor, w: torch.Tensor):
+        """Called from each of this module's nodes as the engine runs it: ``(None, None)`` until the
+        last of them that runs in this backward pass, which gets the weight and bias gradients over
+        all of their inputs at once (in the order the engine ran them)."""
+        task = torch._C._current_graph_task_id()  # a pass may run inside another (reentrant backward)
+        state = self._passes.get(task)
+        if state is None:
+            live = [n for n in (r() for r in self._nodes) if n is not None]
+            self._nodes = [weakref.ref(n) for n in live]
+            state = self._passes[task] = [sum(1 for n in live if torch._C._will_engine_execute_node(n)), []]
+        state[1].append((x, gy))
+        if len(state[1]) < state[0]:
+            return None, None
+        del self._passes[task]
+        xs, gys = zip(*state[1])
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         gy = gys[0] if len(gys) == 1 else torch.cat(gys)
-        _, gw, gb = torch.ops.aten.convolution_backward(gy, x, self.weight, [self.out_channels], *_CONV_ARGS,
-                                                        [False, True, True])
-        for p, g in ((self.weight, gw), (self.bias, gb)):
-            p.grad = g if p.grad is None else p.grad + g
+        _, gw, gb = torch.ops.aten.convolution_backward(gy, x, w, [self.out_channels], *_CONV_ARGS, [False, True, True])
+        return gw, gb
+
+
+#: batch_wgrad counts a module's nodes in the running backward pass with these (torch >= 2.0);
+#: without them the weight gradients are computed per call
+_CAN_BATCH = hasattr(torch._C, "_current_graph_task_id") and hasattr(torch._C, "_will_engine_execute_node")
 
 
 class _Conv3x3Fn(torch.autograd.Function):
     """conv2d(x, W, b, padding=1) with a chosen cuDNN entry point for the forward
-    product and for the input gradient, and the weight gradient computed now or
-    handed to ``Conv3x3._defer`` (batch_wgrad)."""
+    product and for the input gradient, and the weight gradient computed now or, with
+    ``batch_wgrad``, once for all of the module's calls (``Conv3x3._batched_wgrad``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, route, conv):
         ctx.save_for_backward(x, weight)
         ctx.route, ctx.conv = route, conv
+        ctx.batched = conv.batch_wgrad and _CAN_BATCH
+        if ctx.batched:
+            conv._track(ctx)
         if route[0] == "tconv":
             return F.conv_transpose2d(x, conv.flipped(weight), bias, padding=1)
         return F.conv2d(x, weight, bias, padding=1)
@@ -246,15 +270,18 @@ class _Conv3x3Fn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
+        conv = ctx.conv
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            if ctx.route[1] == "conv":
-                gx = F.conv2d(gy, ctx.conv.flipped(w), None, padding=1)
-            else:
-                gx = torch.ops.aten.convolution_backward(gy, x, w, None, *_CONV_ARGS, [True, False, False])[0]
-        if ctx.conv.batch_wgrad:
-            ctx.conv._defer(x, gy)
-        else:
+        if ctx.needs_input_grad[0] and ctx.route[1] == "conv":
+            gx = F.conv2d(gy, conv.flipped(w), None, padding=1)
+        elif ctx.needs_input_grad[0]:
+            # cuDNN's own input gradient; with the weight gradient in the same call, as autograd's
+            # backward of conv2d makes it
+            mask = [True, not ctx.batched, not ctx.batched]
+            gx, gw, gb = torch.ops.aten.convolution_backward(gy, x, w, [w.shape[0]], *_CONV_ARGS, mask)
+        if ctx.batched:
+            gw, gb = conv._batched_wgrad(x, gy, w)
+        elif gw is None:
             _, gw, gb = torch.ops.aten.convolution_backward(gy, x, w, [w.shape[0]], *_CONV_ARGS, [False, True, True])
         return gx, gw, gb, None, None
 
@@ -335,6 +362,7 @@ class PredNet(nn.Module):
             )
             for l in range(nl)
         )
+        self.set_batch_wgrad(variant == "lotter")
 
     def set_conv_routes(self, routes: str | dict = "auto") -> "PredNet":
         """``"plain"``: conv2d and autograd's own backward everywhere. ``"auto"``
@@ -346,10 +374,10 @@ class PredNet(nn.Module):
         return self
 
     def set_batch_wgrad(self, on: bool = True) -> "PredNet":
-        """Option (not the default): compute each convolution's weight gradient
-        once per backward pass over all time steps, instead of once per step.
-        Same gradient up to the order of summation; writes ``.grad`` directly,
-        so use ``loss.backward()``, not ``torch.autograd.grad``."""
+        """Compute each convolution's weight and bias gradients once per backward pass over all
+        time steps (``True``; the lotter variant's default) or once per step, summed by the
+        autograd engine (``False``; chainer-lineage's default, as Chainer's backward sums them).
+        The same gradient up to the order of summation (``Conv3x3``, docs/prednet.md)."""
         for m in self.modules():
             if isinstance(m, Conv3x3):
                 m.batch_wgrad = bool(on)

@@ -21,6 +21,11 @@ frame's MSE term keeps a *reference* to that buffer and reads it again in
 backward. The forward loss is right; at backward time every term of the
 window sees the window's last target, so the gradients are wrong.
 
+Speed devices, each a parameter and in ``describe()``: ``conv_routes`` (other cuDNN entry points
+on Hopper), ``fused_kernels`` (eager's bits) and ``weight_grads``: ``"batched"`` (lotter's default:
+each convolution's weight gradient once per backward pass over all time steps, the same sums in
+another order) or ``"per_step"`` (chainer-lineage's default, as Chainer sums them). docs/prednet.md.
+
 Data: ``data = "moving_mnist" | "carphone" | "bikes" | PATH`` (see
 ``devicediff.data.moving_mnist`` and ``devicediff.data.video``). The data set
 is fixed by ``dataset_seed`` (default 0), identical for every run of a study;
@@ -175,7 +180,10 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, win: int 
 # ------------------------------------------------------------------------------------
 
 
-def _check_choices(variant: str, fault: str, conv_routes: str, fused_kernels: str) -> tuple[str, str, str, str]:
+WEIGHT_GRADS = ("auto", "batched", "per_step")
+
+
+def _check_choices(variant: str, fault: str, conv_routes: str, fused_kernels: str, weight_grads: str) -> tuple:
     if variant not in VARIANTS:
         raise ParamError(f"prednet.variant {variant!r} unknown; use one of {list(VARIANTS)}")
     if fault not in FAULTS:
@@ -187,7 +195,12 @@ def _check_choices(variant: str, fault: str, conv_routes: str, fused_kernels: st
     if fused_kernels not in ("auto", "off"):
         raise ParamError(f"prednet.fused_kernels {fused_kernels!r} unknown; use 'auto' (fused elementwise kernels on "
                          "CUDA, eager's bits) or 'off'")
-    return variant, fault, conv_routes, fused_kernels
+    if weight_grads not in WEIGHT_GRADS:
+        raise ParamError(f"prednet.weight_grads {weight_grads!r} unknown; use 'auto' (lotter: batched, chainer-lineage: "
+                         "per_step), 'batched' (once per backward pass over all time steps) or 'per_step'")
+    if weight_grads == "auto":
+        weight_grads = "batched" if variant == "lotter" else "per_step"
+    return variant, fault, conv_routes, fused_kernels, weight_grads
 
 
 def _window(variant: str, window: int | None, nt: int | None) -> int | None:
@@ -266,9 +279,10 @@ class PredNetWorkload(Workload):
         fault: str = "none",
         conv_routes: str = "auto",
         fused_kernels: str = "auto",
+        weight_grads: str = "auto",
     ):
-        self.variant, self.fault, self.conv_routes, self.fused_kernels = _check_choices(variant, fault, conv_routes,
-                                                                                        fused_kernels)
+        self.variant, self.fault, self.conv_routes, self.fused_kernels, self.weight_grads = _check_choices(
+            variant, fault, conv_routes, fused_kernels, weight_grads)
         d = DEFAULTS[variant]
         window = _window(variant, window, nt)
         self.height = int(height if height is not None else d["height"])
@@ -336,7 +350,7 @@ class PredNetWorkload(Workload):
             "window": self.window, "sequence_length": self.sequence_length, "batch_size": self.batch_size,
             "lr": self.lr, "lr_drop": self.lr_drop, "layer_loss_weights": self.layer_loss_weights,
             "fault": self.fault, "conv_routes": self.conv_routes,
-            "fused_kernels": self.fused_kernels, "train_sequences": len(self.train_x), "test_sequences": len(self.test_x),
+            "fused_kernels": self.fused_kernels, "weight_grads": self.weight_grads, "train_sequences": len(self.train_x), "test_sequences": len(self.test_x),
             "dataset_seed": self.dataset_seed, "data": self.data_info,
             "randomness": "none during training (no dropout); init from init_seed, order from data_seed",
         }
@@ -345,7 +359,8 @@ class PredNetWorkload(Workload):
     def build_model(self, init_seed: int) -> PredNet:
         model = build_prednet(variant=self.variant, channels=self.channels, r_channels=self.r_channels,
                               height=self.height, width=self.width, init_seed=init_seed)
-        return model.set_conv_routes(self.conv_routes).set_fused(self.fused_kernels == "auto")
+        return model.set_conv_routes(self.conv_routes).set_fused(self.fused_kernels == "auto") \
+            .set_batch_wgrad(self.weight_grads == "batched")
 
     def make_optimizer(self, model) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=self.lr)
