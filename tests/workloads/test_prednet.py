@@ -708,8 +708,9 @@ def test_native_route_backward_in_one_call_is_two_calls_bitwise(cuda_determinist
 
 @pytest.mark.gpu
 def test_batched_weight_gradients_on_cuda(cuda_deterministic):
-    """lotter's default on a Hopper GPU (routes, fused kernels): the batched weight gradients are those of the
-    per-step sums within float32 rounding, the same bits run to run, and the forward is untouched."""
+    """lotter's default on a GPU (fused kernels; plain convolutions, the routes are for 128x160): the batched
+    weight gradients are those of the per-step sums within float32 rounding, the same bits run to run, and the
+    forward is untouched."""
     dev = cuda_deterministic
     x = torch.rand(4, 10, 3, 64, 80, generator=torch.Generator().manual_seed(0)).to(dev)
     out = {}
