@@ -517,9 +517,11 @@ def host_proxy(steps: int = 30) -> None:
     """The host's share of the lotter step, measured on the CPU: the headline step's operations
     (4 layers, nt 10, batch 4) on tensors so small (2 channels a layer, 8x16) that the arithmetic is
     negligible, so a step's time is Python, autograd and the dispatcher issuing them, one thread.
+    ``plain``: conv2d and autograd's backward, per-step weight gradients (the model before issue 7);
     ``routed`` forces the headline route of each routed module (the custom autograd.Function path
-    the GPU takes), ``flipfresh`` flips the weights at every call. Prints ms per step and aten
-    operations per step for each."""
+    the GPU takes) with the default batched weight gradients, ``stepwgrad`` per-step ones (the
+    default before 2026-12-03), ``flipfresh`` flips the weights at every call. Prints ms per step
+    and aten operations per step for each."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -533,8 +535,9 @@ def host_proxy(steps: int = 30) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.rand(4, 10, 3, 8, 16, generator=g)
     print(f"[host proxy] lotter step operations on tiny tensors, CPU, 1 thread, {steps} steps (median)")
-    for option in ("plain", "routed", "routed+flipfresh"):
+    for option in ("plain", "routed+stepwgrad", "routed+stepwgrad+flipfresh", "routed"):
         model = build_prednet(variant="lotter", channels=[3, 2, 2, 2], height=8, width=16, init_seed=0)
+        model.set_batch_wgrad(option == "routed")
         if option != "plain":
             for name, m in model.named_modules():
                 if name in ROUTED_MODULES:
@@ -558,7 +561,7 @@ def host_proxy(steps: int = 30) -> None:
             step()
             times.append((time.perf_counter() - t0) * 1e3)
         times.sort()
-        print(f"[host proxy] {option:18s} {times[len(times) // 2]:6.2f} ms/step  {Count.n:5d} aten operations/step  "
+        print(f"[host proxy] {option:28s} {times[len(times) // 2]:6.2f} ms/step  {Count.n:5d} aten operations/step  "
               f"{1e3 * times[len(times) // 2] / Count.n:5.1f} us/operation")
 
 
