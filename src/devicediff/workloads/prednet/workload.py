@@ -350,7 +350,8 @@ class PredNetWorkload(Workload):
             "window": self.window, "sequence_length": self.sequence_length, "batch_size": self.batch_size,
             "lr": self.lr, "lr_drop": self.lr_drop, "layer_loss_weights": self.layer_loss_weights,
             "fault": self.fault, "conv_routes": self.conv_routes,
-            "fused_kernels": self.fused_kernels, "weight_grads": self.weight_grads, "train_sequences": len(self.train_x), "test_sequences": len(self.test_x),
+            "fused_kernels": self.fused_kernels, "weight_grads": self.weight_grads,
+            "train_sequences": len(self.train_x), "test_sequences": len(self.test_x),
             "dataset_seed": self.dataset_seed, "data": self.data_info,
             "randomness": "none during training (no dropout); init from init_seed, order from data_seed",
         }
