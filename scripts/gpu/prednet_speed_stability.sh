@@ -71,7 +71,9 @@ for n in range(1, calls + 1):
         print(f"[{tag}] call {n}: default step on the GPU's clock min/median/max "
               + "/".join(f"{v:.1f}" for v in ev.get("gpu_step_ms", {}).values())
               + f" ms; issued in {ev.get('issue_ms') or float('nan'):.1f} ms from an idle GPU; host "
-              + f"{ev.get('host', {}).get('us_per_op', float('nan')):.2f} us per tiny op, core {ev.get('host', {}).get('core')}")
+              + f"{ev.get('host', {}).get('us_per_op', float('nan')):.2f} us per tiny op, core {ev.get('host', {}).get('core')}"
+              + ("; the GPU waited for the host (median step over 1.05x the fastest)"
+                 if ev.get("gpu_step_ms") and ev["gpu_step_ms"]["median"] > 1.05 * ev["gpu_step_ms"]["min"] else ""))
     except (OSError, ValueError):
         res = {}
     opts += [o for o in res if o not in opts]
