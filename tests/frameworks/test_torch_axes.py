@@ -145,6 +145,21 @@ def test_compile_report_names_graph_breaks_and_code_left_uncompiled():
         {"graphs": 0, "graph_breaks": 0, "break_reasons": {}, "frames_not_compiled": 0, "not_compiled_reasons": {}}, [])
 
 
+def test_compile_report_counts_several_reasons_of_one_kind():
+    """Two different graph-break reasons in one run, and two raw reasons that shorten to the same line."""
+    from devicediff.frameworks.torch.backend import compile_report
+
+    base = {"frames": 0, "compiled": 0, "graphs": 0, "breaks": {}, "given_up": {}}
+    now = {"frames": 3, "compiled": 3, "graphs": 4, "given_up": {},
+           "breaks": {"print\nExplanation: cannot trace": 1, "item()": 2,
+                      "print\nExplanation: cannot trace\nHint: other text": 3}}
+    detail, warnings = compile_report(base, now)
+    assert detail["break_reasons"] == {"print: cannot trace": 4, "item()": 2}
+    assert detail["graph_breaks"] == 6 and warnings == [
+        "compile: 6 graph break(s) (print: cannot trace; item()): the model was compiled in pieces, "
+        "with uncompiled Python between them"]
+
+
 def test_cuda_graphs_refused_where_the_step_cannot_be_captured(tmp_path):
     job = make_job(tmp_path, {"device": "cpu"})
     b = TorchBackend(job, RecordWriter(io.StringIO()))

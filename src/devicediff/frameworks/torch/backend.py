@@ -229,13 +229,12 @@ def compile_report(before: dict, now: dict) -> tuple[dict, list[str]]:
         why = next((x.removeprefix("Explanation:").strip() for x in lines[1:] if x.startswith("Explanation:")), "")
         return f"{lines[0]}: {why}"[:240] if why else lines[0][:240]
 
-    def delta(key):
+    def delta(kind):
         out = {}
-        for reason, n in now[key].items():
-            d = n - before[key].get(reason, 0)
+        for reason, n in now[kind].items():
+            d = n - before[kind].get(reason, 0)
             if d > 0:
-                key = short(reason)
-                out[key] = out.get(key, 0) + d
+                out[short(reason)] = out.get(short(reason), 0) + d
         return out
 
     breaks, given_up = delta("breaks"), delta("given_up")
