@@ -242,8 +242,7 @@ class Conv3x3(nn.Module):
         xs, gys = zip(*state[1])
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         gy = gys[0] if len(gys) == 1 else torch.cat(gys)
-        _, gw, gb = torch.ops.aten.convolution_backward(gy, x, w, [self.out_channels], *_CONV_ARGS, [False, True, True])
-        return gw, gb
+        return _wgrad(gy, x, w)
 
 
 #: batch_wgrad counts a module's nodes in the running backward pass with these (torch >= 2.0);
@@ -282,8 +281,14 @@ class _Conv3x3Fn(torch.autograd.Function):
         if ctx.batched:
             gw, gb = conv._batched_wgrad(x, gy, w)
         elif gw is None:
-            _, gw, gb = torch.ops.aten.convolution_backward(gy, x, w, [w.shape[0]], *_CONV_ARGS, [False, True, True])
+            gw, gb = _wgrad(gy, x, w)
         return gx, gw, gb, None, None
+
+
+def _wgrad(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias gradients of conv2d(x, w, b, padding=1) for the output gradient ``gy``."""
+    _, gw, gb = torch.ops.aten.convolution_backward(gy, x, w, [w.shape[0]], *_CONV_ARGS, [False, True, True])
+    return gw, gb
 
 
 class PredNetLayer(nn.Module):
