@@ -24,6 +24,13 @@ machines); ``-`` where a quantity has none. Quantities:
     seeds_needed           seeds for a decided verdict of this (config, primary METRIC) (``devicediff plan``)
     seeds_range            "lo–hi" of the seeds a decided verdict needs on primary METRIC (CONFIG = *;
                            ``devicediff plan``, power.plan_table)
+    churn_pct, churn_range_pct, floor_pct, churn_verdict, churn_p
+                           prediction churn against the reference (METRIC = predictions; the runs'
+                           ``predictions`` files beside the store, analysis.churn.churn_table): the
+                           config's mean churn, "lo–hi" of the configs' means (CONFIG = *), the
+                           seed-churn floor, the verdict and its Holm-adjusted p (of "more" or
+                           "less"); with CONFIG = *, the verdict every config has (else each
+                           config's) and the largest p
 
 Negative numbers are written with a minus sign (U+2212), as the docs do.
 
@@ -46,6 +53,19 @@ sys.path.insert(0, str(ROOT / "src"))
 
 DOCS = ["README.md", "docs/results.md", "docs/replication.md"]
 TAG = re.compile(r"<!--n:(?P<key>[^>]*?)-->(?P<val>.*?)<!--/n-->", re.S)
+
+
+@functools.lru_cache(maxsize=None)
+def churn(store: str):
+    """The churn table of ``docs/data/STORE.db``, indexed by config, as the report computes it."""
+    from devicediff.analysis.load import churn as churn_of
+    from devicediff.store import SQLiteStore
+
+    with SQLiteStore(ROOT / "docs" / "data" / f"{store}.db", readonly=True) as s:
+        t = churn_of(s)
+    if t.empty:
+        raise ValueError(f"{store}: no prediction files found beside the store")
+    return t.set_index("config")
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,8 +116,10 @@ def value(key: str) -> str:
     """The text a tag's key stands for (see the module docstring)."""
     path, *fmts = key.split("|")
     store, config, metric, quantity = path.split("/")
-    r = results(store)
     fmt = (fmts + ["", ""])[:2] if fmts else ["", ""]
+    if quantity.startswith(("churn_", "floor_")):
+        return _minus(_churn_value(churn(store), config, quantity, fmt))
+    r = results(store)
     if quantity in ("mean_sd", "mean", "sd", "runs"):
         v = _values(r, config, metric)
         out = {"mean_sd": f"{_f(v.mean(), fmt[0] or '.4g')} ± {_f(v.std(ddof=1), fmt[1] or '.2g')}",
@@ -132,6 +154,21 @@ def value(key: str) -> str:
     else:
         out = _row_value(_row(r, config, metric), quantity, fmt)
     return _minus(out)
+
+
+def _churn_value(t, config: str, quantity: str, fmt: list[str]) -> str:
+    if quantity == "churn_range_pct":
+        lo, hi = 100 * t["churn_mean"].min(), 100 * t["churn_mean"].max()
+        return f"{_f(lo, fmt[0] or '.2f')}–{_f(hi, fmt[0] or '.2f')}%"
+    rows = t if config == "*" else t.loc[[config]]
+    if quantity == "churn_verdict":
+        verdicts = set(rows["verdict"])
+        return verdicts.pop() if len(verdicts) == 1 else ", ".join(f"{c}: {v}" for c, v in rows["verdict"].items())
+    if quantity == "churn_p":
+        p = [r["p_less_holm" if r["verdict"] == "less" else "p_more_holm"] for _, r in rows.iterrows()]
+        return _f(max(p), fmt[0] or ".2g")
+    row = t.loc[config]
+    return _f(100 * row["churn_mean" if quantity == "churn_pct" else "floor_mean"], fmt[0] or ".2f") + "%"
 
 
 def _row_value(row, quantity: str, fmt: list[str]) -> str:

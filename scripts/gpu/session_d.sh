@@ -9,6 +9,8 @@
 #   gputests  the GPU-marked tests in TESTS (default tests/diverge/: the operation pass across
 #             devices, faults, CPU vs GPU, flat host copies)
 #   aespeed   paper-autoencoder wall time with the stored H200 run's hashes (issue 17, target 60 s)
+#   classifier  paper-classifier (issue 16's study, all 10 seeds) into W/pc/, with its report; the pack keeps
+#             each run's predictions.npy and labels.npy (churn) and leaves the weight snapshots behind
 #   cost      diverge's lockstep cost on GPU PredNet pairs (issue 14, item 6); COST_PAPER=1 adds the
 #             paper's network (64x64, windows of 20: minutes, most of it the float64 step on the CPU)
 # Each part has its own time limit; W (logs, JSON) is packed into $OUT/d.tgz after every part.
@@ -21,7 +23,8 @@ mkdir -p "$W"
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1 DEVICEDIFF_MNIST=${DEVICEDIFF_MNIST:-$PWD/.devdata/mnist.pkl.gz}
 PY=${PYTHON:-python3}
 export PYTHON=$PY
-pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/d.tmp.tgz" -C "$W" . 2>/dev/null && mv "$OUT/d.tmp.tgz" "$OUT/d.tgz"; }
+pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/d.tmp.tgz" -C "$W" --exclude='weights_step*.npy' --exclude='probs.npy' \
+  --exclude='checkpoint.pt*' . 2>/dev/null && mv "$OUT/d.tmp.tgz" "$OUT/d.tgz"; }
 { date -u; nvidia-smi -L; nvidia-smi --query-gpu=driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.limit --format=csv
   nproc; uptime; "$PY" -c 'import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version())'; } \
   > "$W/machine.txt" 2>&1
@@ -59,6 +62,13 @@ for p in $PARTS; do
         --jobs ${AE_JOBS:-8} --gpu-slots 4 --no-isolated --repeats "${AE_REPEATS:-2}" \
         --reference docs/data/paper-autoencoder-h200.db --target-wall 60
       tail -25 "$W/aespeed.log" ;;
+    classifier)
+      mkdir -p "$W/pc"
+      part classifier "${PC_LIMIT:-280}" bash -c "
+        timeout -s INT -k 15 $((${PC_LIMIT:-280} - 40)) $PY -m devicediff run paper-classifier \
+          --store '$W/pc/paper-classifier.db' --jobs ${PC_JOBS:-8} --gpu-slots 4 -q;
+        $PY -m devicediff report --store '$W/pc/paper-classifier.db' --out '$W/pc/report'"
+      tail -30 "$W/classifier.log" | cut -c1-300 ;;
     cost)
       part cost "${COST_LIMIT:-300}" bash -c "
         $PY benchmarks/diverge_cost.py --study tests/diverge/prednet_gpu.toml --a cpu-1t --b cuda --lo 2 --hi 8 --repeats 1;

@@ -25,6 +25,7 @@ from devicediff.fingerprint import host_facts, machine_id
 from devicediff.job import Job, Lockstep
 from devicediff.progress import Progress
 from devicediff.protocol import FAILED, FINISHED, INTERRUPTED, SKIPPED
+from devicediff.store.sqlite import artifacts_dir
 from devicediff.study import Cell, ExecConfig, Study
 from devicediff.workloads import make_workload, resolve_workload_name, twin
 
@@ -42,8 +43,7 @@ def artifacts_root(store_path: str) -> Path:
         import tempfile
 
         return Path(tempfile.mkdtemp(prefix="devicediff_artifacts_"))
-    p = Path(store_path).resolve()
-    return p.with_name(p.stem + "_artifacts")
+    return artifacts_dir(store_path)
 
 
 def build_job(study: Study, cell: Cell, run_id: str, run_dir: Path, *, lockstep: Lockstep | None = None) -> Job:

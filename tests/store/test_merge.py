@@ -175,6 +175,41 @@ def test_paths_are_kept_when_the_artifact_folder_did_not_travel(tmp_path):
     assert w[3] == str(tmp_path / "A_artifacts" / "a1" / "weights_step0000000.npy")
 
 
+def test_a_store_moved_with_its_files_finds_them_beside_it(tmp_path):
+    """A store and its ``_artifacts`` folder copied elsewhere (from a cluster, into a repository): the
+    recorded paths are gone, the files are found beside the store; a file that did not travel keeps
+    its recorded path."""
+    from devicediff.analysis.load import run_arrays
+
+    a = tmp_path / "cluster" / "A.db"
+    a.parent.mkdir()
+    make_store(a, "m1", [("a1", "cpu", "finished", 3), ("a2", "gpu", "finished", 3)])
+    with SQLiteStore(a) as s:
+        for rid, v in (("a1", 1), ("a2", 2)):
+            sub = a.with_name("A_artifacts") / rid / "eval"
+            sub.mkdir()
+            np.save(sub / "predictions.npy", np.full(5, v, dtype=np.int16))
+            s.record(rid, {"kind": "artifact", "name": "predictions", "path": str(sub / "predictions.npy")})
+    (a.with_name("A_artifacts") / "a2" / "worker.log").unlink()
+    recorded = tables(a)
+    (tmp_path / "cluster").rename(tmp_path / "here")
+    b = tmp_path / "here" / "A.db"
+    root = b.with_name("A_artifacts")
+
+    with SQLiteStore(b, readonly=True) as s:
+        arts, weights, runs = s.artifacts(), s.weights(), s.runs()
+    assert tables(b) == recorded  # reading moved nothing and wrote nothing
+    paths = {(r, n): p for r, n, p in zip(arts["run_id"], arts["name"], arts["path"])}
+    assert paths[("a1", "log")] == str(root / "a1" / "worker.log")
+    assert paths[("a1", "predictions")] == str(root / "a1" / "eval" / "predictions.npy")
+    assert paths[("a2", "log")] == str(tmp_path / "cluster" / "A_artifacts" / "a2" / "worker.log")  # not there
+    assert all(Path(p).is_file() for p in weights["path"])
+    assert dict(zip(runs["run_id"], runs["log_path"]))["a1"] == str(root / "a1" / "worker.log")
+    runs = runs.assign(seed=[0, 0], repeat=[0, 0])
+    got = run_arrays(runs, arts, "predictions")
+    assert {k: int(v[0]) for k, v in got.items()} == {("cpu", 0): 1, ("gpu", 0): 2}
+
+
 def test_cli_merge(two_machines):
     a, b, out = two_machines
     r = devicediff("merge", str(a), str(b), "--out", str(out))

@@ -48,15 +48,10 @@ import pandas as pd
 from devicediff.protocol import FAILED, FINISHED, RUNNING, SKIPPED
 from devicediff.store.base import StoreError
 from devicediff.store.identity import differences
-from devicediff.store.sqlite import SQLiteStore
+from devicediff.store.sqlite import SQLiteStore, artifacts_dir
 
 RANK = {FINISHED: 3, FAILED: 2, SKIPPED: 2, RUNNING: 1}
 SKIP_FILES = {"checkpoint.pt", ".driver-token"}
-
-
-def artifacts_dir(store_path: str | Path) -> Path:
-    p = Path(store_path).resolve()
-    return p.with_name(p.stem + "_artifacts")
 
 
 def _same(a: str | Path, b: str | Path) -> bool:

@@ -45,6 +45,25 @@ CREATE TABLE IF NOT EXISTS analyses (
 TABLES = {"meta", "studies", "runs", "metrics", "weights", "artifacts", "analyses"}
 
 
+def artifacts_dir(store_path: str | Path) -> Path:
+    """Where a store keeps its runs' files: ``devicediff.db`` in ``devicediff_artifacts/`` beside it,
+    one folder per run (``devicediff_artifacts/RUN/``)."""
+    p = Path(store_path).resolve()
+    return p.with_name(p.stem + "_artifacts")
+
+
+def _found_beside(root: Path, run_id: str, path):
+    """A run's file as recorded (absolute, where the run wrote it), or, when that is gone and the store
+    was moved or copied with its files, the same file under ``root/RUN/``; else the recorded path."""
+    if not path or os.path.exists(path):
+        return path
+    parts = Path(path).parts
+    if run_id not in parts:
+        return path
+    here = root.joinpath(run_id, *parts[len(parts) - parts[::-1].index(run_id):])
+    return str(here) if here.exists() else path
+
+
 class SQLiteStore(Store):
     """``SQLiteStore(path)``; ``path=":memory:"`` for a throw-away store.
 
@@ -265,16 +284,26 @@ class SQLiteStore(Store):
         df = pd.read_sql_query(q + " ORDER BY created, run_id", self._db, params=params)
         for c in JSON_COLUMNS:
             df[c] = df[c].map(loads)
-        return df
+        return self._beside(df, "log_path")
 
     def metrics(self, run_ids: list[str] | None = None) -> pd.DataFrame:
         return self._select("metrics", run_ids, "run_id, name, step")
 
     def weights(self, run_ids: list[str] | None = None) -> pd.DataFrame:
-        return self._select("weights", run_ids, "run_id, step")
+        return self._beside(self._select("weights", run_ids, "run_id, step"), "path")
 
     def artifacts(self, run_ids: list[str] | None = None) -> pd.DataFrame:
-        return self._select("artifacts", run_ids, "run_id, name")
+        return self._beside(self._select("artifacts", run_ids, "run_id, name"), "path")
+
+    def _beside(self, df: pd.DataFrame, col: str) -> pd.DataFrame:
+        """File paths of ``df[col]`` found again beside a store that moved with its
+        ``_artifacts`` folder (copied from a cluster, checked in with the docs)."""
+        if self.path == ":memory:" or df.empty:
+            return df
+        root = artifacts_dir(self.path)
+        if root.is_dir():
+            df[col] = [_found_beside(root, r, p) for r, p in zip(df["run_id"], df[col])]
+        return df
 
     # -- analyses --------------------------------------------------------------------------
     def put_analysis(self, study_id: str, kind: str, key: str, payload: dict) -> None:
