@@ -97,6 +97,7 @@ def test_status_and_env(ran):
     d, _, _ = ran
     r = devicediff("status", "--store", str(d / "s.db"), cwd=d)
     assert r.returncode == 0 and "cpu-1t" in r.stdout
+    assert "verdicts vs cpu-1t" in r.stdout  # the same verdicts as the end of `run`
     r = devicediff("env", "--json", cwd=d)
     fp = json.loads(r.stdout)
     assert fp["cpu_count"] >= 1 and fp["machine_id"]

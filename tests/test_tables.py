@@ -14,6 +14,9 @@ from study_store import fill, make_study  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests" / "analysis"))
 from verdict_stores import prednet_like  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests" / "report"))
+import predictions_synth  # noqa: E402
+
 from devicediff.store import SQLiteStore  # noqa: E402
 from devicediff.tables import print_per_seed, print_plan, print_study, seeds_phrase  # noqa: E402
 
@@ -159,3 +162,34 @@ def test_a_sequential_study_shows_its_looks(tmp_path):
     assert "until decided" in text and "1 look taken, 3 seeds at the last; decided" in text
     part = text[text.index("until-decided decisions vs cpu-1t"):]
     assert rows(part)["cpu-2t"][:4] == ["final_eval_mse", "differs", "1", "3"]
+
+
+def test_a_study_with_predictions_says_whether_they_change_more_than_a_seed_change(tmp_path):
+    """The churn verdict is in the terminal, as in the report: cpu-2t changes 3 of 200 predictions
+    (less than a seed change), gpu-dropout moves whole classes (more); the primary metric is a column
+    of the per-config table."""
+    with predictions_synth.make_store(tmp_path / "c.db", tmp_path / "files") as s:
+        (sid,) = s.studies()["study_id"]
+        text = render(print_study, sid, s)
+        quiet = render(print_study, sid, s, verdicts=False)
+    assert "predictions vs cpu-1t at the same seed" in text
+    r = rows(text[text.index("predictions vs cpu-1t"):])
+    assert r["cpu-2t"][0] == "6" and r["cpu-2t"][1] == "1.5%" and r["cpu-2t"][-2:] == ["less than a seed change", ""]
+    assert r["gpu-dropout"][-2:] == ["more than a seed change", ""]
+    assert list(r)[1:] == ["cpu-2t", "gpu-dropout"]  # definition order, after the header
+    assert "final_eval_accuracy" in rows(text)["config"]
+    assert "predictions vs" not in quiet
+
+
+def test_an_undecided_churn_row_says_how_many_seeds_would_decide_it(tmp_path):
+    with predictions_synth.make_store(tmp_path / "c.db", tmp_path / "files", seeds=3) as s:
+        (sid,) = s.studies()["study_id"]
+        r = rows(render(print_study, sid, s).split("predictions vs cpu-1t")[1])
+    # two configs under Holm: 1/2^6 < 0.05/2 < 1/2^5
+    assert r["cpu-2t"][-2:] == ["inconclusive", "6 for less"] and r["gpu-dropout"][-2:] == ["inconclusive", "6 for more"]
+
+
+def test_a_study_without_predictions_has_no_churn_table(tmp_path):
+    with predictions_synth.make_store(tmp_path / "c.db", tmp_path / "files", with_predictions=False) as s:
+        (sid,) = s.studies()["study_id"]
+        assert "predictions vs" not in render(print_study, sid, s)

@@ -161,7 +161,7 @@ def cmd_status(args) -> int:
         if studies.empty:
             console.print("the store holds no studies yet")
         for _, s in studies.iterrows():
-            print_study(console, s["study_id"], store, verdicts=False)
+            print_study(console, s["study_id"], store)
             if args.per_seed:
                 print_per_seed(console, s["study_id"], store)
     finally:
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:  # long: one block per command, r
                    help="a fresh worker process for every run (default: one warm worker per config and slot)")
     r.set_defaults(func=cmd_run)
 
-    st = with_store(sub.add_parser("status", help="what the store holds"))
+    st = with_store(sub.add_parser("status", help="what the store holds, and the verdicts"))
     st.add_argument("--per-seed", action="store_true", help="also a config x seed table of the primary metric")
     st.set_defaults(func=cmd_status)
 

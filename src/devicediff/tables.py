@@ -13,15 +13,16 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from devicediff.analysis.churn import MAX_PLAN
 from devicediff.analysis.frames import bitwise_table, metric_columns, per_seed_table
-from devicediff.analysis.load import Results, load_results
+from devicediff.analysis.load import Results, load_results, runs_churn
 from devicediff.analysis.stats import seeds_phrase  # noqa: F401 - re-exported
 from devicediff.store import Store
 from devicediff.study import Study
 
 __all__ = ["print_study", "print_per_seed", "print_plan", "config_table", "failures_table", "verdicts_table",
-           "per_seed_tables", "check_lines", "note_lines", "plan_table", "sequential_line", "sequential_table",
-           ]
+           "churn_table", "per_seed_tables", "check_lines", "note_lines", "plan_table", "sequential_line",
+           "sequential_table"]
 
 CONFIG_METRICS = ("final_eval_loss", "final_eval_mse", "final_eval_ssim", "tail_train_loss")
 
@@ -40,7 +41,8 @@ def _labels(r: Results) -> list[str]:
 def config_table(r: Results) -> Table:
     """Per config: runs by state, mean ± sd of the headline metrics, bits against the reference."""
     pr, runs, reference = r.per_run, r.runs, r.reference
-    metrics = [m for m in metric_columns(pr) if m in CONFIG_METRICS]
+    have = metric_columns(pr)
+    metrics = [m for m in r.primary if m in have] + [m for m in have if m in CONFIG_METRICS and m not in r.primary]
     bits = bitwise_table(runs, reference).set_index("config") if len(runs) else pd.DataFrame()
     title = f"{r.name}: per config (mean ± sd over seeds)"
     if r.by_machine:
@@ -144,6 +146,37 @@ def verdicts_table(r: Results) -> Table | None:
             row["verdict"], needed.get((row["config"], row["metric"]), ""),
         )
     return t
+
+
+CHURN_WORDS = {"more": "more than a seed change", "less": "less than a seed change", "inconclusive": "inconclusive"}
+
+
+def churn_table(r: Results, churn: pd.DataFrame) -> Table | None:
+    """Does a config change what the network predicts more than a change of seed does? Per config,
+    its churn against the reference at the same seed, the seed churn, and the sign-flip verdict
+    (``analysis.churn.churn_table``, as the report shows it)."""
+    if churn is None or churn.empty:
+        return None
+    t = Table(title=f"predictions vs {r.reference} at the same seed (churn: share of held-out inputs "
+                    f"predicted as another class; seed churn: {r.reference} against itself at another seed)",
+              title_justify="left")
+    for c in ("config", "n", "churn", "seed churn", "ratio", "p more (Holm)", "p less (Holm)", "verdict",
+              "seeds needed"):
+        t.add_column(c, justify="left" if c in ("config", "verdict") else "right")
+    rank = {c: i for i, c in enumerate(r.order)}
+    for _, row in churn.sort_values("config", key=lambda c: c.map(lambda x: rank.get(x, len(rank)))).iterrows():
+        t.add_row(row["config"], str(int(row["n"])), f"{100 * row['churn_mean']:.3g}%",
+                  f"{100 * row['floor_mean']:.3g}%", f"{row['ratio']:.2g}", _pval(row["p_more_holm"]),
+                  _pval(row["p_less_holm"]), CHURN_WORDS.get(row["verdict"], str(row["verdict"])),
+                  _churn_need(row))
+    return t
+
+
+def _churn_need(row) -> str:
+    if not row.get("seeds_for"):
+        return ""
+    n = row["seeds_needed"]
+    return f"{'> ' + str(MAX_PLAN) if math.isnan(n) else f'{n:.0f}'} for {row['seeds_for']}"
 
 
 def check_lines(r: Results) -> list[str]:
@@ -267,6 +300,9 @@ def print_study(console: Console, study: Study | str, store: Store, *, verdicts:
             console.print(line, highlight=False)
     elif verdicts and r.verdict_problem:
         console.print(r.verdict_problem, highlight=False)
+    ct = churn_table(r, runs_churn(store, r.runs, r.reference)) if verdicts else None
+    if ct is not None:
+        console.print(ct)
     st = sequential_table(r) if verdicts else None
     if st is not None:
         console.print(st)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from devicediff.analysis.churn import (CHURN_COLUMNS, PER_CLASS_COLUMNS, churn, churn_pairs, churn_table,
-                                       output_distance, per_class_table, signflip_p_greater)
+from devicediff.analysis.churn import (CHURN_COLUMNS, PER_CLASS_COLUMNS, churn, churn_pairs, churn_seeds_needed,
+                                       churn_table, output_distance, per_class_table, signflip_p_greater)
 
 # --------------------------------------------------------------------------------------------------
 # churn and output_distance against hand-computed values
@@ -122,6 +122,37 @@ def test_churn_table_inconclusive_with_few_seeds():
     assert "too few" in t.loc["bad", "note"]
     # the numbers are still there
     assert t.loc["bad", "churn_mean"] > t.loc["bad", "floor_mean"]
+    # and the seeds that would decide: every e_s of one sign, three configs under Holm, so the floor
+    # log2(3 / 0.05) -> 6 seeds (1/2^6 < 0.05/3 < 1/2^5)
+    assert t.loc["bad", "seeds_for"] == "more" and t.loc["bad", "seeds_needed"] == 6
+    assert t.loc["rounding", "seeds_for"] == "less" and t.loc["rounding", "seeds_needed"] == 6
+    assert "about 6 paired seeds for a verdict of 'more'" in t.loc["bad", "note"]
+    # ... and they do: the same configs at 6 seeds are decided, and a decided row names no seeds
+    t6 = churn_table(_synthetic(6), "cpu-1t").set_index("config")
+    assert t6.loc["bad", "verdict"] == "more" and t6.loc["rounding", "verdict"] == "less"
+    assert t6["seeds_needed"].isna().all() and (t6["seeds_for"] == "").all()
+
+
+def test_churn_seeds_needed_floor_holm_and_noise():
+    assert churn_seeds_needed([-0.03, -0.03, -0.031], 1) == (5.0, "less")  # 1/2^5 < 0.05
+    assert churn_seeds_needed([-0.03, -0.03, -0.031], 6) == (7.0, "less")  # 1/2^7 < 0.05/6 < 1/2^6
+    # noisy e: ((z(0.95) + z(0.8)) * sd / mean)^2 = (2.486 * 0.02 / 0.01)^2 = 24.7
+    assert churn_seeds_needed([0.01, 0.03, -0.01], 1) == (25.0, "more")
+    assert churn_seeds_needed([0.0, 0.0], 1) == (pytest.approx(float("nan"), nan_ok=True), "")
+    assert math.isnan(churn_seeds_needed([-0.01], 1)[0])  # one value: no spread to plan from
+    n, f = churn_seeds_needed([1e-6, -1e-6, 2e-9], 1)  # leans nowhere to speak of
+    assert math.isnan(n) and f == "more"
+
+
+def test_churn_seeds_needed_gives_the_power_it_plans_for():
+    """Planned from seeds whose e have the true mean and sd (the pilot's estimation error aside),
+    the sign-flip test at that many seeds decides in about 80% of studies."""
+    rng = np.random.default_rng(5)
+    mu = 0.5
+    n, f = churn_seeds_needed([mu - 1, mu, mu + 1], 1)  # mean 0.5, sd 1
+    assert (n, f) == (25, "more")  # ((1.645 + 0.842) / 0.5)^2 = 24.7
+    hits = sum(signflip_p_greater(mu + rng.standard_normal(int(n)), rng_seed=i) < 0.05 for i in range(300))
+    assert 0.70 <= hits / 300 <= 0.90
 
 
 def test_churn_table_config_like_a_seed_is_not_more():

@@ -45,8 +45,11 @@ _RTOL = 1e-12  # sums of the same numbers in another order differ in the last bi
 CHURN_COLUMNS = [
     "config", "reference", "n", "churn_mean", "churn_sd", "churn_min", "churn_max", "floor_mean", "floor_sd",
     "floor_min", "floor_max", "n_floor_pairs", "excess", "ratio", "p_more", "p_more_holm", "p_less",
-    "p_less_holm", "verdict", "note",
+    "p_less_holm", "verdict", "seeds_needed", "seeds_for", "note",
 ]
+#: the power ``seeds_needed`` plans for, and the most seeds it names (as ``devicediff plan`` for the metrics)
+POWER = 0.8
+MAX_PLAN = 10_000
 PER_CLASS_COLUMNS = [
     "config", "reference", "class", "metric", "n", "mean_ref", "mean_cfg", "diff", "t", "dof", "p", "p_holm",
     "verdict", "note",
@@ -206,6 +209,9 @@ def churn_table(predictions: Mapping, reference: str, *, distance: Callable = ch
     * ``inconclusive``: neither, and always when n < ``min_seeds`` (default 5: with 4 seeds the
       smallest attainable one-sided p is 1/16) or the reference has fewer than 2 seeds.
 
+    An inconclusive row says how many paired seeds would decide it (``seeds_needed``, for the
+    verdict ``seeds_for``, the direction of mean(e); also in its note): :func:`churn_seeds_needed`.
+
     Assumptions, to be read with the verdict: the e_s are independent across seeds and, under
     "no more than a seed change", symmetric about 0. The f_s share floor pairs (f_s and f_s'
     both contain distance(s, s')), a weak positive dependence that makes p somewhat optimistic
@@ -220,7 +226,32 @@ def churn_table(predictions: Mapping, reference: str, *, distance: Callable = ch
     rows = [_churn_row(config, by[config], ref, floor_vals, f_own, reference=reference, distance=distance,
                        min_seeds=min_seeds, rng_seed=rng_seed)
             for config in sorted(by) if config != reference]
-    return _churn_frame(rows, [f"churn_s{s}" for s in all_seeds], alpha)
+    return _churn_frame(rows, [f"churn_s{s}" for s in all_seeds], alpha, min_seeds)
+
+
+def churn_seeds_needed(e, m: int, *, alpha: float = 0.05, min_seeds: int = MIN_SEEDS,
+                       power: float = POWER) -> tuple[float, str]:
+    """``(n, verdict)``: about how many paired seeds would give a churn row the verdict its seeds so far
+    lean to (``"less"`` when mean(e) < 0, else ``"more"``), with ``m`` configs in the Holm family.
+
+    At least the n at which the test can reach the level at all: the exact one-sided sign-flip p
+    is never below 1/2^n, and Holm's first step compares it with alpha/m, so n >= log2(m/alpha)
+    (and ``min_seeds``). Beyond that, a normal approximation of the test of mean(e) at level
+    alpha/m with ``power``: n = ((z(1-alpha/m) + z(power)) sd(e) / |mean(e)|)^2, from the e_s so far
+    (sd 0, all of one sign: the floor alone); NaN above ``MAX_PLAN``. NaN and ``""`` when the e_s
+    lean nowhere (mean 0) or fewer than 2 are known. A plan, not a promise: the e_s of new seeds
+    may differ."""
+    e = np.asarray(e, dtype=float).ravel()
+    e = e[np.isfinite(e)]
+    if e.size < 2 or e.mean() == 0:
+        return math.nan, ""
+    level = alpha / max(m, 1)
+    n = max(min_seeds, math.ceil(math.log2(1 / level)), e.size + 1)
+    sd = float(e.std(ddof=1))
+    if sd > 0:
+        z = stats.norm.ppf(1 - level) + stats.norm.ppf(power)
+        n = max(n, math.ceil((z * sd / abs(e.mean())) ** 2))
+    return (float(n) if n <= MAX_PLAN else math.nan), "less" if e.mean() < 0 else "more"
 
 
 def _seed_floor(ref: dict[int, object], distance: Callable) -> tuple[np.ndarray, dict[int, float]]:
@@ -263,6 +294,7 @@ def _churn_row(config: str, runs: dict[int, object], ref: dict[int, object], flo
     p_more, p_less, notes = _churn_test(c, seeds, f_own, n_ref_seeds=len(ref), min_seeds=min_seeds,
                                         rng_seed=rng_seed)
     row.update(p_more=p_more, p_less=p_less, note="; ".join(notes))
+    row["_e"] = c - np.array([f_own[s] for s in seeds]) if f_own else np.array([])
     return row
 
 
@@ -287,8 +319,16 @@ def _churn_test(c: np.ndarray, seeds: list[int], f_own: dict[int, float], *, n_r
     return signflip_p_greater(e, rng_seed=rng_seed), signflip_p_greater(-e, rng_seed=rng_seed), notes
 
 
-def _churn_frame(rows: list[dict], seed_cols: list[str], alpha: float) -> pd.DataFrame:
-    """The rows as :func:`churn_table`'s frame: Holm over the configs, verdicts, every seed column."""
+def _need_text(n: float, verdict: str) -> str:
+    if not verdict:
+        return ""
+    many = f"more than {MAX_PLAN}" if math.isnan(n) else f"about {n:.0f}"
+    return f"{many} paired seeds for a verdict of '{verdict}'"
+
+
+def _churn_frame(rows: list[dict], seed_cols: list[str], alpha: float, min_seeds: int) -> pd.DataFrame:
+    """The rows as :func:`churn_table`'s frame: Holm over the configs, verdicts, the seeds an
+    inconclusive row needs, every seed column."""
     if not rows:
         return pd.DataFrame(columns=CHURN_COLUMNS + seed_cols)
     df = pd.DataFrame(rows)
@@ -296,6 +336,11 @@ def _churn_frame(rows: list[dict], seed_cols: list[str], alpha: float) -> pd.Dat
     df["p_less_holm"] = holm(df["p_less"].to_numpy(dtype=float))
     df["verdict"] = np.where(df["p_more_holm"] < alpha, "more",
                              np.where(df["p_less_holm"] < alpha, "less", "inconclusive"))
+    need = [churn_seeds_needed(e, len(df), alpha=alpha, min_seeds=min_seeds) if v == "inconclusive"
+            else (math.nan, "") for e, v in zip(df.pop("_e"), df["verdict"])]
+    df["seeds_needed"] = [n for n, _ in need]
+    df["seeds_for"] = [f for _, f in need]
+    df["note"] = ["; ".join(x for x in (note, _need_text(n, f)) if x) for note, (n, f) in zip(df["note"], need)]
     for col in seed_cols:
         if col not in df:
             df[col] = math.nan

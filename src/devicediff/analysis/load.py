@@ -441,18 +441,26 @@ def run_arrays(runs: pd.DataFrame, artifacts: pd.DataFrame, name: str) -> dict:
 def churn(store: Store) -> pd.DataFrame:
     """Every study's prediction churn against its reference (``analysis.churn.churn_table``), from
     the runs' ``predictions`` artifacts; empty when no run saved predictions."""
-    from devicediff.analysis.churn import churn_table
-
     parts = []
     for _, s in store.studies().iterrows():
         runs = store.runs(s["study_id"])
-        if runs.empty:
-            continue
-        preds = run_arrays(runs, store.artifacts(list(runs["run_id"])), "predictions")
-        ref = (s["definition"] or {}).get("reference")
-        if preds and ref and any(c == ref for c, _ in preds):
-            t = churn_table(preds, ref)
+        t = runs_churn(store, runs, (s["definition"] or {}).get("reference"))
+        if not t.empty:
             t.insert(0, "study_id", s["study_id"])
             t.insert(0, "study", s["name"])
             parts.append(t)
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def runs_churn(store: Store, runs: pd.DataFrame, reference: str | None) -> pd.DataFrame:
+    """``analysis.churn.churn_table`` of these runs (``config`` as labelled, e.g. ``Results.runs``
+    with ``reference=Results.reference``) from their ``predictions`` files; empty when none saved
+    predictions or the reference has none."""
+    from devicediff.analysis.churn import churn_table
+
+    if runs is None or runs.empty or not reference:
+        return pd.DataFrame()
+    preds = run_arrays(runs, store.artifacts(list(runs["run_id"])), "predictions")
+    if not any(c == reference for c, _ in preds):
+        return pd.DataFrame()
+    return churn_table(preds, reference)
