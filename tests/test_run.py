@@ -107,7 +107,7 @@ def test_status_and_env(ran):
     "content, needle",
     [
         ("[workload]\nname='autoencoder'\n[[configs]]\nname='a'\nreference=true\n[[configs]]\nname='a'\n", "duplicate config name"),
-        ("[workload]\nname='autoencoder'\nsizez=[1]\n[[configs]]\nname='a'\nreference=true\n", "workload.sizez: unknown parameter"),
+        ("[workload]\nname='autoencoder'\nsizez=[1]\n[[configs]]\nname='a'\nreference=true\n", "workload.sizez: unknown parameter for workload 'autoencoder' (did you mean 'sizes'?)"),
         ("[workload]\nname='autoencoder'\n[seeds]\ncount=0\n[[configs]]\nname='a'\nreference=true\n", "seeds.count"),
         ("[workload]\nname='autoencoder'\nmnist_root='/nonexistent'\n[[configs]]\nname='a'\nreference=true\n", "does not exist"),
     ],

@@ -47,7 +47,7 @@ def test_study_id_changes_with_definition_not_notes():
     "changes, needle",
     [
         ({"bogus": 1}, "study: unknown key 'bogus'"),
-        ({"configs": [{"name": "a", "reference": True, "thread": 2}, {"name": "b"}]}, "unknown key 'thread'"),
+        ({"configs": [{"name": "a", "reference": True, "thread": 2}, {"name": "b"}]}, "unknown key 'thread' (did you mean 'threads'?)"),
         ({"configs": [{"name": "a", "reference": True, "threads": "4"}, {"name": "b"}]}, "configs[0].threads: expected int"),
         ({"configs": [{"name": "a", "reference": True}, {"name": "a"}]}, "duplicate config name"),
         ({"configs": [{"name": "a"}, {"name": "b"}]}, "no reference config"),
@@ -145,3 +145,15 @@ def test_axes_are_checked_when_the_study_is_read(cfg, needle):
     with pytest.raises(StudyError) as e:
         parse_study(doc)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_near_misses_are_named():
+    from devicediff.errors import did_you_mean
+    from devicediff.study import load_study
+
+    assert did_you_mean("thread", ["threads", "device"]) == " (did you mean 'threads'?)"
+    assert did_you_mean("zzz", ["threads", "device"]) == ""
+    with pytest.raises(StudyError, match=r"'paper-autoencodr' is neither a file nor a preset \(did you mean 'paper-autoencoder'\?\)"):
+        load_study("paper-autoencodr")
+    with pytest.raises(StudyError, match=r"no config named 'cpu-1' \(did you mean 'cpu-1t'\?\)"):
+        load_study("quick").config("cpu-1")

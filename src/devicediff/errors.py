@@ -42,3 +42,11 @@ class EnvironmentBuildError(DevicediffError, RuntimeError):
 
 class DivergeError(DevicediffError, RuntimeError):
     """A side of ``devicediff diverge`` failed, was skipped or stopped early."""
+
+
+def did_you_mean(name: str, known) -> str:
+    """``" (did you mean 'threads'?)"`` for a near miss of ``name`` among ``known``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""

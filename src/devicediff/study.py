@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from devicediff.errors import StudyError
+from devicediff.errors import StudyError, did_you_mean
 from devicediff.frameworks import FRAMEWORKS
 
 if sys.version_info >= (3, 11):
@@ -157,7 +157,8 @@ class Study:
         for c in self.configs:
             if c.name == name:
                 return c
-        raise StudyError(f"configs: no config named {name!r}; choose one of {[c.name for c in self.configs]}")
+        names = [c.name for c in self.configs]
+        raise StudyError(f"configs: no config named {name!r}{did_you_mean(name, names)}; choose one of {names}")
 
     def cell(self, config: ExecConfig, seed: int, repeat: int = 0) -> Cell:
         """The run of ``config`` at ``seed``: each noise source in ``vary`` takes the seed, the others ``base``."""
@@ -222,7 +223,8 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
 def _check_keys(where: str, table: dict, allowed: set[str]) -> None:
     for k in table:
         if k not in allowed:
-            raise StudyError(f"{where}: unknown key {k!r}; allowed keys are {sorted(allowed)}")
+            raise StudyError(f"{where}: unknown key {k!r}{did_you_mean(k, allowed)}; allowed keys are {sorted(allowed)}")
+
 
 
 def _want(where: str, value: Any, types: tuple[type, ...], hint: str = "") -> Any:
@@ -373,7 +375,7 @@ def _parse_configs(raw_configs: Any, ref: Any) -> tuple[tuple[ExecConfig, ...], 
     if ref is not None:
         _want("reference", ref, (str,))
         if ref not in names:
-            raise StudyError(f"reference: {ref!r} is not a config name; use one of {names}")
+            raise StudyError(f"reference: {ref!r} is not a config name{did_you_mean(ref, names)}; use one of {names}")
         if flagged and flagged != [ref]:
             raise StudyError(f"reference: {ref!r} disagrees with configs marked reference = true {flagged}; keep one")
         return configs, ref
@@ -494,7 +496,8 @@ def load_study(spec: str | Path, *, overrides: dict[str, Any] | None = None) -> 
     elif spec in preset_names():
         text, source = preset_text(spec), f"preset:{spec}"
     else:
-        raise StudyError(f"study: {spec!r} is neither a file nor a preset; presets are {preset_names()}")
+        raise StudyError(f"study: {spec!r} is neither a file nor a preset{did_you_mean(spec, preset_names())}; "
+                         f"presets are {preset_names()}")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

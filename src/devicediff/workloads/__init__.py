@@ -32,7 +32,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
-from devicediff.errors import ParamError, StudyError
+from devicediff.errors import ParamError, StudyError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ def _target(name: str) -> str:
     if ":" in name:
         return name
     known = sorted(set(BUILTIN) | set(plugins))
-    raise StudyError(f"workload.name: unknown workload {name!r}; use one of {known} or module:function")
+    raise StudyError(f"workload.name: unknown workload {name!r}{did_you_mean(name, known)}; use one of {known} "
+                     f"or module:function")
 
 
 def _import_target(target: str) -> Callable[..., Any]:
@@ -212,7 +213,8 @@ def check_params(name: str, fn: Callable, params: dict[str, Any]) -> None:
     hints = _hints(fn)
     for k, v in params.items():
         if k not in known:
-            raise ParamError(f"workload.{k}: unknown parameter for workload {name!r}; known parameters are {known}")
+            raise ParamError(f"workload.{k}: unknown parameter for workload {name!r}{did_you_mean(k, known)}; "
+                             f"known parameters are {known}")
         hint = hints.get(k, Any)
         if not _fits(v, hint):
             if isinstance(v, float) and not math.isfinite(v):
