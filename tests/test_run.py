@@ -133,6 +133,17 @@ def test_user_workload_example_runs(tmp_path):
     assert (runs.groupby("seed")["init_sha256"].nunique() == 1).all()
 
 
+def test_user_classifier_example_gets_the_churn_verdict(tmp_path):
+    """A user's own classifier that saves its held-out predictions gets the churn verdict in the
+    terminal (examples/blobs_classifier.py): bfloat16 flips far fewer predictions than a seed."""
+    r = devicediff("run", str(ROOT / "examples" / "blobs_classifier.toml"), "--store", str(tmp_path / "b.db"),
+                   "--only", "cpu-1t", "--only", "cpu-bf16", "--quiet", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "predictions vs cpu-1t at the same seed" in r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("│ cpu-bf16") and "seed change" in ln)
+    assert "less than a seed change" in line, r.stdout
+
+
 def test_unavailable_gpu_config_is_skipped_and_study_goes_on(tiny_study, tmp_path):
     extra = '\n[[configs]]\nname = "gpu"\ndevice = "cuda"\n'
     p = tiny_study("withgpu", seeds=1, extra=extra)

@@ -91,7 +91,12 @@ class Workload(ABC):
         """Held-out metrics, e.g. ``{"eval_loss": 0.031}``. Called in no-grad mode."""
 
     def artifacts(self, model, device, outdir: Path) -> Mapping[str, Path]:
-        """Optional files for the report (e.g. a PNG grid of predicted frames)."""
+        """Optional files for the report (e.g. a PNG grid of predicted frames), ``{name: path}``,
+        written into ``outdir`` after the last evaluation. Two names have a meaning: ``predictions``,
+        an ``.npy`` of the held-out predicted classes (or scores), one row per held-out input in the
+        same order in every run, makes the churn verdict (do a config's predictions change more than
+        a seed change's?) in ``run``, ``status`` and the report; ``labels``, the true classes, lets the
+        report check and show the inputs (examples/blobs_classifier.py)."""
         return {}
 
     def describe(self) -> Mapping[str, Any]:
