@@ -57,13 +57,13 @@ def predictions(config: str, seed: int, y: np.ndarray) -> np.ndarray:
 
 
 def make_store(db: Path, files: Path, *, seeds: int = 6, configs=CONFIGS, with_predictions: bool = True,
-               offset: dict | None = None, params: dict | None = None) -> SQLiteStore:
+               offset: dict | None = None, params: dict | None = None, workload: str = "classifier") -> SQLiteStore:
     """``offset``: {config: constant added to eval_accuracy in every seed} (zero-variance differences)."""
     files.mkdir(parents=True, exist_ok=True)
     y = true_labels()
     store = SQLiteStore(db)
     definition = {
-        "workload": "classifier", "workload_params": params or {"data": "mnist", "eval_size": N},
+        "workload": workload, "workload_params": params or {"data": "mnist", "eval_size": N},
         "reference": configs[0], "configs": [{"name": c, "device": "cuda" if "gpu" in c else "cpu"} for c in configs],
         "vary": ["init", "data"], "base_seed": 0, "budget": {"epochs": 1, "steps": None, "metric_every": 10},
         "seeds": list(range(seeds)), "repeats": 1, "margin": None, "margin_fraction": 0.5, "primary": [],

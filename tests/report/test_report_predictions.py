@@ -94,6 +94,16 @@ def test_unloadable_inputs_show_indices_only(tmp_path):
     assert not list(out.glob("*disagreements.png")) and list(out.glob("*churn.png"))
 
 
+def test_a_users_own_classifier_is_not_shown_mnist(tmp_path):
+    """Predictions of a user's workload: churn as for the built-in classifier, but its inputs are not
+    looked for in MNIST (whose validation digits would be the wrong images, or the wrong count)."""
+    store = make_store(tmp_path / "w.db", tmp_path / "f", workload="blobs.py:make", params={"n": 3000})
+    out = tmp_path / "out"
+    text = htmllib.unescape(write_report(store, out).read_text())
+    assert "the inputs of workload 'blobs.py:make' are not loaded here; indices only" in text
+    assert "MNIST" not in text and "input #" in text and list(out.glob("*churn.png"))
+
+
 def test_infinite_ci_ends_are_clipped(tmp_path):
     # a constant offset in 3 seeds: zero-variance differences, 90%/95% CIs of (-inf, inf)
     store = make_store(tmp_path / "i.db", tmp_path / "f", seeds=3, configs=("cpu-1t", "cpu-4t"),

@@ -137,6 +137,10 @@ def analyse_predictions(data, reference: str) -> Predictions | None:
     except Exception as e:  # noqa: BLE001
         out.problems.append(f"disagreements: {type(e).__name__}: {e}")
     if out.disagree is not None and len(out.disagree):
-        params = data.definition.get("workload_params") or {}
-        out.images, out.image_note = _images_for(out.disagree, params, labels, out.n_inputs)
+        workload = str(data.definition.get("workload", ""))
+        if workload == "classifier":
+            params = data.definition.get("workload_params") or {}
+            out.images, out.image_note = _images_for(out.disagree, params, labels, out.n_inputs)
+        else:  # a user's own workload: its inputs are its own business
+            out.image_note = f"the inputs of workload {workload!r} are not loaded here; indices only"
     return out
