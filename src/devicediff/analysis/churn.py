@@ -291,18 +291,17 @@ def _churn_row(config: str, runs: dict[int, object], ref: dict[int, object], flo
     row["ratio"] = _churn_ratio(row["churn_mean"], row["floor_mean"])
     for s, v in zip(seeds, c):
         row[f"churn_s{s}"] = float(v)
-    p_more, p_less, notes = _churn_test(c, seeds, f_own, n_ref_seeds=len(ref), min_seeds=min_seeds,
-                                        rng_seed=rng_seed)
-    row.update(p_more=p_more, p_less=p_less, note="; ".join(notes))
-    row["_e"] = c - np.array([f_own[s] for s in seeds]) if f_own else np.array([])
+    e = c - np.array([f_own[s] for s in seeds]) if f_own else np.array([])  # churn over own seed floor
+    p_more, p_less, notes = _churn_test(c, e, n_ref_seeds=len(ref), min_seeds=min_seeds, rng_seed=rng_seed)
+    row.update(p_more=p_more, p_less=p_less, note="; ".join(notes), _e=e)
     return row
 
 
-def _churn_test(c: np.ndarray, seeds: list[int], f_own: dict[int, float], *, n_ref_seeds: int, min_seeds: int,
+def _churn_test(c: np.ndarray, e: np.ndarray, *, n_ref_seeds: int, min_seeds: int,
                 rng_seed: int) -> tuple[float, float, list[str]]:
     """(p_more, p_less, notes): one-sided sign-flip p of e_s = c_s - f_s above and below 0, NaN (with
     the reason in the notes) when there is no floor, a non-finite distance or too few seeds."""
-    n = len(seeds)
+    n = len(c)
     notes = []
     if n and np.all(c == 0):
         notes.append("predictions identical to the reference's at every seed")
@@ -315,7 +314,6 @@ def _churn_test(c: np.ndarray, seeds: list[int], f_own: dict[int, float], *, n_r
     if n < min_seeds:
         notes.append(f"n = {n} < {min_seeds} paired seeds: too few for a verdict")
         return math.nan, math.nan, notes
-    e = c - np.array([f_own[s] for s in seeds])
     return signflip_p_greater(e, rng_seed=rng_seed), signflip_p_greater(-e, rng_seed=rng_seed), notes
 
 
